@@ -1,0 +1,20 @@
+"""dragontrainer: train convolutional networks the way the best practitioners do, and babysit them."""
+
+from dragontrainer.api import evaluate_run, load_run, predict, resume, train
+from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
+from dragontrainer.recipe import Recipe
+from dragontrainer.train.loop import TrainResult
+
+__all__ = [
+    "DataError",
+    "DragonError",
+    "Recipe",
+    "RecipeError",
+    "RunError",
+    "TrainResult",
+    "evaluate_run",
+    "load_run",
+    "predict",
+    "resume",
+    "train",
+]

@@ -1,0 +1,174 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+>>> from dragontrainer import Recipe, train
+>>> result = train(Recipe.load(overrides=["train.epochs=2"]))   # doctest: +SKIP
+>>> result.val_accuracy, result.run_dir                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from torch import nn
+
+from dragontrainer.data.loader import DeviceLoader
+from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
+from dragontrainer.data.sources import convert_color, decode_image, load_images
+from dragontrainer.errors import DataError, RunError
+from dragontrainer.nn.models import create_model
+from dragontrainer.recipe import Recipe
+from dragontrainer.run import RunDir
+from dragontrainer.train.callbacks import Callback
+from dragontrainer.train.checkpoint import checkpoint_folder, load_model_weights
+from dragontrainer.train.loop import TrainResult, evaluate, fit, prepare_data, resolve_device
+
+
+def as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
+    """A Recipe from a Recipe, a nested dict, a YAML path or None (defaults), then overrides."""
+    if recipe is None or isinstance(recipe, (str, Path)):
+        return Recipe.load(recipe, overrides)
+    base = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
+    return base.with_overrides(overrides) if overrides else base
+
+
+def train(
+    recipe: Recipe | Mapping[str, Any] | str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    progress: bool = False,
+    callbacks: Sequence[Callback] = (),
+    console: Console | None = None,
+) -> TrainResult:
+    """Train a recipe into a new run folder and return the result (run_dir, history, final metrics)."""
+    resolved = as_recipe(recipe, overrides)
+    run = RunDir.create(resolved)
+    with run.lock():
+        return fit(run.recipe(), run, progress=progress, callbacks=callbacks, console=console)
+
+
+def resume(run_dir: str | Path, *, progress: bool = False, console: Console | None = None) -> TrainResult:
+    """Continue a stopped run from its `last` checkpoint; the result equals an uninterrupted run's."""
+    run = RunDir.open(run_dir)
+    with run.lock():
+        has_checkpoint = checkpoint_folder(run.checkpoints / "last") is not None
+        if not has_checkpoint:
+            run.keep_metrics_through(0)  # killed before the first checkpoint: start again
+        return fit(run.recipe(), run, resume=has_checkpoint, progress=progress, console=console)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready for inference: recipe, model with `best` weights, fitted preprocessing."""
+
+    run: RunDir
+    recipe: Recipe
+    model: nn.Module
+    preprocessor: Preprocessor
+    classes: list[str]
+    image_shape: tuple[int, int, int]
+    device: torch.device
+
+
+def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
+    """Rebuild a run's model from its recipe and load its `best` (else `last`) weights."""
+    run = RunDir.open(run_dir)
+    recipe = run.recipe()
+    info_path = run.file("data.json")
+    if not info_path.is_file():
+        raise RunError(f"{run.path}: the run never started training (no data.json)")
+    import json
+
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    folder = next((f for f in (run.checkpoints / "best", run.checkpoints / "last") if checkpoint_folder(f)), None)
+    if folder is None:
+        raise RunError(f"{run.path}: no checkpoint yet (neither best nor last)")
+    torch_device = resolve_device(device)
+    channels, size, _ = info["image_shape"]
+    model = create_model(recipe.model, in_channels=channels, num_classes=len(info["classes"]), image_size=size)
+    model = model.to(torch_device)
+    load_model_weights(folder, model)
+    model.eval()
+    preprocessor = create_preprocessor(recipe.preprocess)
+    preprocessor.load_state_dict(load_file(str(run.file("preprocess.safetensors"))))
+    return LoadedRun(run, recipe, model, preprocessor, info["classes"], tuple(info["image_shape"]), torch_device)
+
+
+def guess_source(path: Path) -> str:
+    """The data source a path looks like: .npz file, IDX files, CIFAR batches, or class folders."""
+    if path.is_file():
+        if path.suffix == ".npz":
+            return "npz"
+        raise DataError(f"{path}: cannot tell the data format; pass --source (npz, image-folder, cifar, mnist-idx)")
+    names = [p.name for p in path.iterdir()] if path.is_dir() else []
+    if any("idx3" in n for n in names):
+        return "mnist-idx"
+    cifar_marks = {"data_batch_1", "data_batch_1.bin", "train.bin", "batches.meta", "meta", "test_batch"}
+    if cifar_marks & set(names) or any(n.startswith("cifar") for n in names):
+        return "cifar"
+    return "image-folder"
+
+
+def evaluate_run(
+    run_dir: str | Path, data: str | Path | None = None, *, source: str | None = None, part: str = "all"
+) -> dict[str, Any]:
+    """Score the run's best weights: on its own test split (else validation split), or on other data."""
+    loaded = load_run(run_dir)
+    criterion = nn.CrossEntropyLoss(label_smoothing=loaded.recipe.train.label_smoothing)
+    if data is None:
+        prepared = prepare_data(loaded.recipe, loaded.device)
+        loader, split = (prepared.test, "test") if prepared.test is not None else (prepared.val, "val")
+        metrics = evaluate(loaded.model, loader, criterion)
+        return {"run_dir": str(loaded.run.path), "data": split, "images": loader.num_images, **metrics}
+    path = Path(data)
+    channels, size, _ = loaded.image_shape
+    spec = loaded.recipe.data.model_copy(
+        update={"source": source or guess_source(path), "path": path, "part": part, "image_size": size,
+                "color": "gray" if channels == 1 else "rgb", "class_names": None}
+    )  # fmt: skip
+    images = load_images(spec)
+    if images.y.max() >= len(loaded.classes):
+        raise DataError(f"{path}: label {int(images.y.max())} but the run was trained on {len(loaded.classes)} classes")
+    x = loaded.preprocessor.apply(torch.from_numpy(images.x).to(loaded.device))
+    loader = DeviceLoader(x, torch.from_numpy(images.y).to(loaded.device), loaded.recipe.train.eval_batch_size, shuffle=False)
+    metrics = evaluate(loaded.model, loader, criterion)
+    return {"run_dir": str(loaded.run.path), "data": str(path), "images": len(images.y), **metrics}
+
+
+@dataclass
+class Prediction:
+    file: str
+    label: str
+    probability: float
+    top: list[tuple[str, float]]
+
+
+def predict(run_dir: str | Path, files: Sequence[str | Path], *, top_k: int = 3) -> list[Prediction]:
+    """Class and probability for each image file, with the run's own preprocessing."""
+    loaded = load_run(run_dir)
+    channels, size, _ = loaded.image_shape
+    spec = loaded.recipe.data.model_copy(update={"image_size": size})
+    arrays = []
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise DataError(f"{path}: no such image file")
+        arrays.append(decode_image(path, spec)[0])
+    rgb = np.stack(arrays).transpose(0, 3, 1, 2)
+    x = torch.from_numpy(np.ascontiguousarray(convert_color(rgb, "gray" if channels == 1 else "rgb")))
+    x = x.to(loaded.device)
+    with torch.inference_mode():
+        probabilities = torch.softmax(loaded.model(loaded.preprocessor.apply(x)).float(), dim=1).cpu()
+    k = min(top_k, len(loaded.classes))
+    predictions = []
+    for file, row in zip(files, probabilities, strict=True):
+        values, indices = row.topk(k)
+        top = [(loaded.classes[i], float(v)) for v, i in zip(values, indices, strict=True)]
+        predictions.append(Prediction(str(file), top[0][0], top[0][1], top))
+    return predictions

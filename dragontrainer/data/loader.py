@@ -1,0 +1,49 @@
+"""Device-resident batches: the whole split lives on the device; an epoch is a permutation of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class DeviceLoader:
+    """Slices batches out of tensors already on the device; no DataLoader, no per-sample Python.
+
+    The order of epoch `e` is a permutation drawn from a generator seeded by (seed, e), so it needs
+    no saved state: a resumed run replays the same order and can start mid-epoch at `start_step`.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0) -> None:
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.x), self.batch_size)
+        if self.shuffle:
+            # a lone last training sample would make batch norm fail on a batch of one: it waits
+            # for the next epoch's permutation instead
+            return full + (rest > 1)
+        return full + (rest > 0)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.x)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.x), device=self.x.device)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.x), generator=generator).to(self.x.device)
+
+    def batches(self, epoch: int = 0, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.order(epoch) if self.shuffle else None
+        for step in range(start_step, len(self)):
+            lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, len(self.x))
+            if order is None:
+                yield self.x[lo:hi], self.y[lo:hi]
+            else:
+                index = order[lo:hi]
+                yield self.x[index], self.y[index]

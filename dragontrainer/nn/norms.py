@@ -1,0 +1,40 @@
+"""Normalisation layers by name, for conv feature maps (dims=2) or flat features (dims=1)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from dragontrainer.registry import Registry
+
+NORMS: Registry[Callable[[int, int], nn.Module]] = Registry("norm")
+
+
+@NORMS.register("batch")
+def batch_norm(channels: int, dims: int) -> nn.Module:
+    """Batch normalisation (Ioffe & Szegedy 2015): per-channel statistics over the batch."""
+    return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
+
+
+@NORMS.register("group")
+def group_norm(channels: int, dims: int) -> nn.Module:
+    """Group normalisation (Wu & He 2018), 32 groups or fewer; independent of batch size."""
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+@NORMS.register("layer")
+def layer_norm(channels: int, dims: int) -> nn.Module:
+    """Layer normalisation: statistics over all channels (and positions) of one sample."""
+    return nn.GroupNorm(1, channels) if dims == 2 else nn.LayerNorm(channels)
+
+
+@NORMS.register("none")
+def no_norm(channels: int, dims: int) -> nn.Module:
+    """No normalisation."""
+    return nn.Identity()
+
+
+def create_norm(name: str, channels: int, dims: int = 2) -> nn.Module:
+    return NORMS.get(name)(channels, dims)

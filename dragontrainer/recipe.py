@@ -1,0 +1,379 @@
+"""The recipe: every knob, its default and its validation, in one pydantic schema.
+
+A recipe is built from defaults, then an optional YAML file, then dotted ``key=value`` overrides.
+Unknown keys are refused with the closest valid key; bad values name the field and the allowed range.
+Each stage of the pipeline receives only its own section (``create_model(recipe.model, ...)``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dragontrainer.errors import RecipeError
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_registered(kind: str, name: str) -> str:
+    """Validate a component name against its registry (imported lazily: registries import this module)."""
+    from dragontrainer.registry import ALL_REGISTRIES, all_components
+
+    all_components()
+    registry = ALL_REGISTRIES[kind]
+    if name not in registry:
+        raise ValueError(registry.unknown_message(name))
+    return name
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+class DataSpec(Section):
+    """Where the images come from and how they are split."""
+
+    source: str = "digits"  # registry name: digits | npz | image-folder | cifar | mnist-idx
+    path: Path | None = None  # file or folder, for every source but the embedded digits
+    part: Literal["train", "test", "all"] = "train"  # official part of MNIST / CIFAR files to load
+    image_size: int | None = Field(None, ge=1, le=4096)  # resize every image to S×S pixels
+    color: Literal["auto", "rgb", "gray"] = "auto"  # auto: gray if every image file is gray
+    cifar_labels: Literal["fine", "coarse"] = "fine"  # CIFAR-100 only
+    class_names: list[str] | None = None  # for sources whose files carry no names (npz, IDX)
+    max_image_pixels: int = Field(89_478_485, ge=1)  # refuse larger images (decompression bombs)
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # stratified validation split
+    test_fraction: float = Field(0.0, ge=0, lt=1)  # optional held-out test split, scored at the end
+    split_seed: int = 0  # the split stays fixed when only `seed` changes
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, name: str) -> str:
+        return _check_registered("data source", name)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataSpec:
+        if self.val_fraction + self.test_fraction >= 0.95:
+            raise ValueError(
+                f"val_fraction + test_fraction must be below 0.95 to leave training images, "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class PreprocessSpec(Section):
+    """Input preprocessing, fitted on the training split only and saved with the run."""
+
+    name: str = "standardize"  # per-channel mean/std
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _check_registered("preprocess", name)
+
+
+class FlipSpec(Section):
+    """Horizontal flip."""
+
+    p: float | Literal["auto"] = "auto"  # auto: 0.5, or 0 for data whose meaning flips (digits)
+
+    @field_validator("p")
+    @classmethod
+    def _probability(cls, p: float | str) -> float | str:
+        if p != "auto" and not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"must be 'auto' or a probability in [0, 1], got {p}")
+        return p
+
+
+class CropSpec(Section):
+    """Padded random crop back to the original size (random translation by up to `padding`)."""
+
+    p: float = Field(1.0, ge=0, le=1)
+    padding: int | Literal["auto"] = "auto"  # auto: image size / 8 (4 px on 32×32, 1 px on 8×8)
+    padding_mode: Literal["reflect", "zeros"] = "reflect"
+
+    @field_validator("padding")
+    @classmethod
+    def _non_negative(cls, padding: int | str) -> int | str:
+        if padding != "auto" and int(padding) < 0:
+            raise ValueError(f"must be 'auto' or an integer >= 0, got {padding}")
+        return padding
+
+
+class AugmentSpec(Section):
+    """Per-batch augmentation on the device, applied in this order; p=0 turns an op off."""
+
+    hflip: FlipSpec = FlipSpec()
+    crop: CropSpec = CropSpec()
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+class ModelSpec(Section):
+    """The network: a zoo entry plus the layer choices it is built with."""
+
+    name: str = "resnet"  # mlp | lenet | vgg | resnet
+    widths: list[int] | None = None  # channels (or units) per stage; None: the model's default
+    depth: int | None = Field(None, ge=1, le=64)  # blocks (or convs) per stage; None: the default
+    activation: str = "relu"
+    norm: str = "batch"
+    init: str = "he"
+    dropout: float = Field(0.0, ge=0, lt=1)  # before the head (and between MLP layers)
+    zero_init_residual: bool = True  # last norm of each residual branch starts at 0 (Goyal et al.)
+
+    @field_validator("widths")
+    @classmethod
+    def _positive_widths(cls, widths: list[int] | None) -> list[int] | None:
+        if widths is not None and (not widths or min(widths) < 1):
+            raise ValueError(f"must be a non-empty list of integers >= 1, got {widths}")
+        return widths
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        return _check_registered("model", name)
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, name: str) -> str:
+        return _check_registered("activation", name)
+
+    @field_validator("norm")
+    @classmethod
+    def _known_norm(cls, name: str) -> str:
+        return _check_registered("norm", name)
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, name: str) -> str:
+        return _check_registered("init", name)
+
+
+# ------------------------------------------------------------------------------ optimisation
+
+
+class OptimSpec(Section):
+    """Optimiser and its hyperparameters; `lr` is per `reference_batch_size` images."""
+
+    name: str = "sgd"  # sgd | adam
+    lr: float = Field(0.1, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, le=1)
+    weight_decay: float = Field(5e-4, ge=0, lt=1)  # never on biases or normalisation parameters
+    lr_scaling: Literal["linear", "none"] = "linear"  # lr × batch_size / reference_batch_size
+    reference_batch_size: int = Field(128, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _check_registered("optimizer", name)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"both betas must be in [0, 1), got {list(betas)}")
+        return betas
+
+
+class ScheduleSpec(Section):
+    """Learning-rate factor per iteration: linear warm-up, then the named decay."""
+
+    name: str = "cosine"  # constant | cosine | step
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_fraction: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
+    step_epochs: float = Field(30.0, gt=0)  # step: multiply by `gamma` every this many epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _check_registered("schedule", name)
+
+
+class EarlyStoppingSpec(Section):
+    """Stop when the monitored validation metric has not improved for `patience` epochs."""
+
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int | None = Field(10, ge=1)  # None: never stop early
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainSpec(Section):
+    """The loop: length, batch, loss and device."""
+
+    epochs: int = Field(30, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, le=1_000_000)
+    eval_batch_size: int = Field(1024, ge=1, le=1_000_000)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    device: str = "auto"  # auto: cuda if available, else cpu
+    amp: Literal["auto", "on", "off"] = "auto"  # bfloat16 autocast; auto: on for CUDA only
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+
+
+class RunSpec(Section):
+    """Where the run folder goes."""
+
+    dir: Path | None = None  # exact folder; None: <root>/<timestamp>-<model>-<source>
+    root: Path = Path("runs")
+
+
+class Recipe(Section):
+    """Everything a training run needs; the resolved recipe is saved in every run folder."""
+
+    seed: int = 0
+    data: DataSpec = DataSpec()
+    preprocess: PreprocessSpec = PreprocessSpec()
+    augment: AugmentSpec = AugmentSpec()
+    model: ModelSpec = ModelSpec()
+    optim: OptimSpec = OptimSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    train: TrainSpec = TrainSpec()
+    run: RunSpec = RunSpec()
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_run(self) -> Recipe:
+        if self.schedule.warmup_epochs >= self.train.epochs:
+            raise ValueError(
+                f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be shorter "
+                f"than train.epochs ({self.train.epochs})"
+            )
+        return self
+
+    # -------------------------------------------------------------------- construction
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
+        """Defaults, then the YAML file at `path` (if any), then dotted ``key=value`` overrides."""
+        data: dict[str, Any] = read_yaml_mapping(Path(path)) if path is not None else {}
+        for item in overrides:
+            key, value = parse_override(item)
+            set_dotted(data, key, value)
+        return cls.from_dict(data, origin=str(path) if path else "recipe")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
+        """Validate a nested mapping; errors are RecipeErrors naming the dotted field."""
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{origin}: expected a mapping of sections, got {type(data).__name__}")
+        check_known_keys(data)
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise RecipeError(describe_validation_error(exc)) from None
+
+    def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> Recipe:
+        """A copy with dotted overrides applied: ``["optim.lr=0.05"]`` or ``{"optim.lr": 0.05}``."""
+        data = self.model_dump(mode="json")
+        items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+        for key, value in items:
+            set_dotted(data, key, value)
+        return Recipe.from_dict(data)
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe as YAML that `Recipe.load` reads back to an equal recipe."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML recipe file; a missing file, bad YAML or a non-mapping is a RecipeError."""
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: not valid YAML ({reason})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise RecipeError(
+            f"{path}: expected a mapping of sections (data, model, optim, ...), got {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=0.05"`` -> ``("optim.lr", 0.05)``; the value is read as YAML (numbers, lists, null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {item!r}: expected dotted.key=value, e.g. optim.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for key ``"a.b"``, creating (or replacing) sections on the way."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def schema_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, type[BaseModel] | None]:
+    """Every dotted key of the schema -> its section class (None for a leaf value)."""
+    keys: dict[str, type[BaseModel] | None] = {}
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys[dotted] = annotation
+            keys.update(schema_keys(annotation, prefix=f"{dotted}."))
+        else:
+            keys[dotted] = None
+    return keys
+
+
+def check_known_keys(data: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse any key the schema does not have, suggesting the closest valid one."""
+    known = schema_keys()
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if dotted not in known:
+            raise RecipeError(unknown_key_message(dotted, known))
+        if known[dotted] is not None and isinstance(value, Mapping):
+            check_known_keys(value, prefix=f"{dotted}.")
+
+
+def unknown_key_message(dotted: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(dotted, list(known), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {dotted}, did you mean {close[0]}?"
+    section = dotted.rpartition(".")[0]
+    siblings = [k for k in known if k.rpartition(".")[0] == section]
+    return f"unknown key {dotted}; valid keys here: {', '.join(siblings)}"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per pydantic error, joined: field, what is wrong (with the allowed range), the value."""
+    parts = []
+    for error in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in error["loc"] if not isinstance(p, int) or len(error["loc"]) == 1)
+        message = error["msg"].removeprefix("Value error, ")
+        message = message[0].lower() + message[1:] if message else message
+        where = f"recipe field {loc}" if loc else "recipe"
+        shown = error.get("input")
+        got = "" if isinstance(shown, dict) or "got" in message else f", got {shown!r}"
+        parts.append(f"{where}: {message}{got}")
+    return "; ".join(parts)

@@ -1,0 +1,394 @@
+"""The training pipeline. `fit` reads top to bottom in the order the data flows:
+
+load -> split -> fit preprocessing on train -> device tensors -> augment -> model -> param groups ->
+optimiser -> per-step schedule -> epochs (train, evaluate, early stopping, checkpoints) -> result.
+Cross-section numbers (classes, channels, steps) are computed here once and passed explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from dragontrainer.data.augment import Augmenter, create_augmenter
+from dragontrainer.data.loader import DeviceLoader
+from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
+from dragontrainer.data.sources import ImageSet, load_images
+from dragontrainer.data.split import Split, stratified_split
+from dragontrainer.errors import RecipeError
+from dragontrainer.nn.models import count_parameters, create_model
+from dragontrainer.optim.optimizers import create_optimizer, effective_lr
+from dragontrainer.optim.param_groups import build_param_groups
+from dragontrainer.optim.schedules import LrFactor, create_schedule
+from dragontrainer.recipe import Recipe
+from dragontrainer.run import RunDir, atomic_write_json
+from dragontrainer.train.callbacks import Callback, EarlyStopping
+from dragontrainer.train.checkpoint import (
+    checkpoint_folder,
+    load_model_weights,
+    load_optimizer,
+    load_state,
+    save_checkpoint,
+)
+from dragontrainer.train.progress import TrainProgress
+from dragontrainer.train.state import EpochMeter, TrainState, capture_rng, restore_rng, seed_everything
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or early-stopped) run reports; `history` holds every metrics line."""
+
+    run_dir: Path
+    epochs: int
+    best_epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    best_val_loss: float
+    best_val_accuracy: float
+    seconds: float
+    images_per_second: float
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    stop_reason: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON object `dragon train --json` prints (everything but the history)."""
+        record = asdict(self)
+        record.pop("history")
+        record["run_dir"] = str(self.run_dir)
+        return record
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM: the current step finished, `last` was written, the run can be resumed."""
+
+    def __init__(self, signum: int, run_dir: Path, state: TrainState) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name}: stopped at epoch {state.epoch + 1}, step {state.global_step}; "
+            f"the run is saved — continue it with: dragon resume {run_dir}"
+        )
+
+
+@dataclass
+class PreparedData:
+    """The dataset on the device, split and preprocessed with statistics of the training split."""
+
+    images: ImageSet
+    split: Split
+    preprocessor: Preprocessor
+    train: DeviceLoader
+    val: DeviceLoader
+    test: DeviceLoader | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.images.classes)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "classes": self.images.classes,
+            "image_shape": list(self.images.image_shape),
+            "flip_safe": self.images.flip_safe,
+            "num_train": len(self.split.train),
+            "num_val": len(self.split.val),
+            "num_test": len(self.split.test),
+        }
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; an explicit device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"recipe field train.device: {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("recipe field train.device: cuda was asked for but no CUDA device is available")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast on CUDA by default (no loss scaling needed); full precision on CPU."""
+    if amp == "on" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
+    images = load_images(recipe.data)
+    split = stratified_split(images.y, recipe.data.val_fraction, recipe.data.test_fraction, recipe.data.split_seed)
+    x = torch.from_numpy(images.x)
+    y = torch.from_numpy(images.y)
+    preprocessor = create_preprocessor(recipe.preprocess).fit(x[split.train])
+
+    def loader(index: Any, batch_size: int, shuffle: bool) -> DeviceLoader:
+        index = torch.from_numpy(index)
+        inputs = preprocessor.apply(x[index].to(device))
+        return DeviceLoader(inputs, y[index].to(device), batch_size, shuffle=shuffle, seed=recipe.seed)
+
+    train = loader(split.train, recipe.train.batch_size, shuffle=True)
+    val = loader(split.val, recipe.train.eval_batch_size, shuffle=False)
+    test = loader(split.test, recipe.train.eval_batch_size, shuffle=False) if len(split.test) else None
+    if len(train) == 0:
+        raise RecipeError(
+            f"recipe field train.batch_size: {recipe.train.batch_size} leaves no full training step "
+            f"({len(split.train)} training images)"
+        )
+    return PreparedData(images, split, preprocessor, train, val, test)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, loader: DeviceLoader, criterion: nn.Module, amp: torch.dtype | None = None
+) -> dict[str, float]:
+    """Mean loss and accuracy over a whole split, in eval mode (batch norm uses running statistics)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=loader.x.device)
+    for x, y in loader.batches():
+        with torch.autocast(loader.x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(x)
+        loss_sum += criterion(logits.float(), y).double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    count = max(loader.num_images, 1)
+    return {"loss": float(loss_sum) / count, "accuracy": int(correct) / count}
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM set a flag instead of killing mid-step; the loop checks it after each step."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Loop:
+    """Everything one epoch needs, built once by `fit`."""
+
+    run: RunDir
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_factor: LrFactor
+    criterion: nn.Module
+    augment: Augmenter
+    augment_generator: torch.Generator
+    data: PreparedData
+    amp: torch.dtype | None
+    callbacks: Sequence[Callback]
+    epochs: int
+
+    def checkpoint_state(self, state: TrainState, meter: EpochMeter) -> dict[str, Any]:
+        return {
+            "train": state.state_dict(),
+            "meter": meter.state_dict(),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "rng": capture_rng(self.augment_generator),
+        }
+
+    def save_last(self, state: TrainState, meter: EpochMeter) -> None:
+        save_checkpoint(self.run.checkpoints / "last", self.model, self.optimizer, self.checkpoint_state(state, meter))
+
+    def restore(self, state: TrainState, meter: EpochMeter) -> None:
+        folder = self.run.checkpoints / "last"
+        saved = load_state(folder)
+        load_model_weights(folder, self.model)
+        load_optimizer(folder, self.optimizer, saved["optimizer"])
+        state.load_state_dict(saved["train"])
+        meter.load_state_dict(saved["meter"])
+        for callback, cb_state in zip(self.callbacks, saved["callbacks"], strict=True):
+            callback.load_state_dict(cb_state)
+        restore_rng(saved["rng"], self.augment_generator)
+        self.run.keep_metrics_through(state.epoch)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, meter: EpochMeter) -> None:
+        state.lr = self.lr_factor(state.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * state.lr
+        x = self.augment(x, self.augment_generator)
+        with torch.autocast(x.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logits = self.model(x)
+        loss = self.criterion(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        meter.update(loss, logits, y)
+        state.global_step += 1
+        state.step_in_epoch += 1
+
+    def run_epoch(self, state: TrainState, meter: EpochMeter, progress: TrainProgress, stops: list[int]) -> None:
+        """Train one epoch (from `state.step_in_epoch`, when resumed mid-epoch), checking for stop requests."""
+        self.model.train()
+        started = time.perf_counter()
+        seconds_before = meter.seconds
+        for x, y in self.data.train.batches(state.epoch, start_step=state.step_in_epoch):
+            self.train_step(x, y, state, meter)
+            elapsed = seconds_before + time.perf_counter() - started
+            progress.step(global_step=state.global_step, epoch=state.epoch + 1, lr=self.current_lr(), meter=meter, elapsed=elapsed)
+            if stops:
+                meter.seconds = elapsed
+                self.save_last(state, meter)
+                raise TrainingInterrupted(stops[0], self.run.path, state)
+        meter.loss()  # a device sync, so the time below is the time the work took
+        meter.seconds = seconds_before + time.perf_counter() - started
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def end_epoch(self, state: TrainState, meter: EpochMeter, stopper: EarlyStopping) -> dict[str, Any]:
+        """Evaluate, log both splits, let callbacks decide, write `best` and `last`."""
+        val = evaluate(self.model, self.data.val, self.criterion, self.amp)
+        epoch = state.epoch + 1
+        train_record = {
+            "epoch": epoch, "split": "train", "step": state.global_step, "loss": meter.loss(),
+            "accuracy": meter.accuracy(), "lr": self.current_lr(), "images": meter.seen,
+            "seconds": meter.seconds, "images_per_second": meter.seen / max(meter.seconds, 1e-9),
+        }  # fmt: skip
+        val_record = {"epoch": epoch, "split": "val", "step": state.global_step, **val}
+        logs = {"train_loss": train_record["loss"], "train_accuracy": train_record["accuracy"],
+                "val_loss": val["loss"], "val_accuracy": val["accuracy"]}  # fmt: skip
+        for callback in self.callbacks:
+            callback.on_eval_end(state, logs)
+        self.run.append_metrics(train_record)
+        self.run.append_metrics(val_record)
+        if stopper.improved:
+            state.best_epoch = epoch
+            best_state = {"train": {**state.state_dict(), "epoch": epoch}, "metrics": logs}
+            save_checkpoint(self.run.checkpoints / "best", self.model, None, best_state)
+        for callback in self.callbacks:
+            callback.on_epoch_end(state, logs)
+        state.epoch, state.step_in_epoch = epoch, 0
+        meter.reset()
+        self.save_last(state, meter)
+        return {**logs, "epoch": epoch, "lr": train_record["lr"], "images_per_second": train_record["images_per_second"]}
+
+
+def fit(
+    recipe: Recipe,
+    run: RunDir,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    console: Console | None = None,
+) -> TrainResult:
+    """Train `recipe` into the run folder `run` (or continue it from `last` when `resume`)."""
+    console = console or Console(stderr=True, quiet=not progress)
+    started = time.perf_counter()
+    device = resolve_device(recipe.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(recipe.seed)
+    data = prepare_data(recipe, device)
+    atomic_write_json(run.file("data.json"), data.info())
+    save_preprocessor(run, data.preprocessor)
+    channels, size, _ = data.images.image_shape
+    augment = create_augmenter(recipe.augment, data.images.image_shape, data.images.flip_safe)
+    model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
+    groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
+    lr = effective_lr(recipe.optim, recipe.train.batch_size)
+    optimizer = create_optimizer(groups, recipe.optim, lr)
+    steps_per_epoch = len(data.train)
+    lr_factor = create_schedule(recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * recipe.train.epochs)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
+    stopper = EarlyStopping(recipe.train.early_stopping)
+    loop = Loop(
+        run, model, optimizer, lr_factor, criterion, augment,
+        torch.Generator(device).manual_seed(recipe.seed + 1), data,
+        autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.train.epochs,
+    )  # fmt: skip
+    state, meter = TrainState(), EpochMeter(device)
+    if resume:
+        loop.restore(state, meter)
+    console.print(
+        f"[bold]dragon[/] {run.path}  device {device}  data {recipe.data.source}: {data.info()['num_train']} train / "
+        f"{data.info()['num_val']} val / {data.info()['num_test']} test, {data.num_classes} classes, "
+        f"{'×'.join(map(str, data.images.image_shape))}\n"
+        f"model {recipe.model.name} {count_parameters(model):,} params  optim {recipe.optim.name} lr {lr:g} "
+        f"({'; '.join(map(str, group_summary))})  augment {augment.describe()}"
+    )
+    for callback in loop.callbacks:
+        callback.on_fit_start(state, {})
+    with stop_requests() as stops, TrainProgress(
+        enabled=progress, epochs=recipe.train.epochs, steps_per_epoch=steps_per_epoch, console=console
+    ) as bar:
+        while state.epoch < recipe.train.epochs and state.stop_reason is None:
+            loop.run_epoch(state, meter, bar, stops)
+            bar.epoch_end(loop.end_epoch(state, meter, stopper), state.global_step)
+    for callback in loop.callbacks:
+        callback.on_fit_end(state, {})
+    return finish(loop, recipe, state, time.perf_counter() - started)
+
+
+def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> TrainResult:
+    """Score the best weights on the test split (if any), write result.json, build the result."""
+    history = loop.run.history()
+    train = [r for r in history if r["split"] == "train"]
+    val = [r for r in history if r["split"] == "val"]
+    best = next((r for r in val if r["epoch"] == state.best_epoch), val[-1])
+    test = None
+    if loop.data.test is not None and checkpoint_folder(loop.run.checkpoints / "best") is not None:
+        load_model_weights(loop.run.checkpoints / "best", loop.model)
+        test = evaluate(loop.model, loop.data.test, loop.criterion, loop.amp)
+    result = TrainResult(
+        run_dir=loop.run.path,
+        epochs=state.epoch,
+        best_epoch=state.best_epoch,
+        train_loss=train[-1]["loss"],
+        train_accuracy=train[-1]["accuracy"],
+        val_loss=val[-1]["loss"],
+        val_accuracy=val[-1]["accuracy"],
+        best_val_loss=best["loss"],
+        best_val_accuracy=best["accuracy"],
+        seconds=seconds,
+        images_per_second=sum(r["images"] for r in train) / max(sum(r["seconds"] for r in train), 1e-9),
+        test_loss=test["loss"] if test else None,
+        test_accuracy=test["accuracy"] if test else None,
+        stop_reason=state.stop_reason,
+        history=history,
+    )
+    atomic_write_json(loop.run.file("result.json"), result.summary())
+    return result
+
+
+def save_preprocessor(run: RunDir, preprocessor: Preprocessor) -> None:
+    from safetensors.torch import save
+
+    from dragontrainer.run import atomic_write_bytes
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in preprocessor.state_dict().items()}
+    atomic_write_bytes(run.file("preprocess.safetensors"), save(tensors))
