@@ -21,7 +21,7 @@ from torch import nn
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import convert_color, decode_image, load_images
-from dragontrainer.errors import DataError, RunError
+from dragontrainer.errors import DataError, DragonError, RunError
 from dragontrainer.nn.models import create_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir
@@ -49,8 +49,12 @@ def train(
     """Train a recipe into a new run folder and return the result (run_dir, history, final metrics)."""
     resolved = as_recipe(recipe, overrides)
     run = RunDir.create(resolved)
-    with run.lock():
-        return fit(run.recipe(), run, progress=progress, callbacks=callbacks, console=console)
+    try:
+        with run.lock():
+            return fit(run.recipe(), run, progress=progress, callbacks=callbacks, console=console)
+    except DragonError:
+        run.discard_if_unstarted()
+        raise
 
 
 def resume(run_dir: str | Path, *, progress: bool = False, console: Console | None = None) -> TrainResult:
@@ -136,7 +140,9 @@ def evaluate_run(
     if images.y.max() >= len(loaded.classes):
         raise DataError(f"{path}: label {int(images.y.max())} but the run was trained on {len(loaded.classes)} classes")
     x = loaded.preprocessor.apply(torch.from_numpy(images.x).to(loaded.device))
-    loader = DeviceLoader(x, torch.from_numpy(images.y).to(loaded.device), loaded.recipe.train.eval_batch_size, shuffle=False)
+    loader = DeviceLoader(
+        x, torch.from_numpy(images.y).to(loaded.device), loaded.recipe.train.eval_batch_size, shuffle=False
+    )
     metrics = evaluate(loaded.model, loader, criterion)
     return {"run_dir": str(loaded.run.path), "data": str(path), "images": len(images.y), **metrics}
 

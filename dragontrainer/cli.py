@@ -34,7 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
-        print(f"dragon: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"dragon: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("dragon: interrupted", file=sys.stderr)
@@ -132,7 +135,10 @@ def print_result(result: Any, *, as_json: bool) -> None:
     )
     if result.stop_reason:
         print(result.stop_reason)
-    print(f"{result.epochs} epochs in {result.seconds:.1f} s, {result.images_per_second:,.0f} images/s; run folder {result.run_dir}")
+    print(
+        f"{result.epochs} epochs in {result.seconds:.1f} s, {result.images_per_second:,.0f} images/s; "
+        f"run folder {result.run_dir}"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -142,7 +148,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{metrics['data']}: accuracy {metrics['accuracy']:.2%}, loss {metrics['loss']:.4f} on {metrics['images']} images")
+        print(
+            f"{metrics['data']}: accuracy {metrics['accuracy']:.2%}, loss {metrics['loss']:.4f} "
+            f"on {metrics['images']} images"
+        )
     return 0
 
 
@@ -151,7 +160,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     predictions = predict(args.run_dir, args.files, top_k=args.top)
     if args.json:
-        print(json.dumps([{"file": p.file, "class": p.label, "probability": p.probability, "top": p.top} for p in predictions]))
+        print(
+            json.dumps(
+                [{"file": p.file, "class": p.label, "probability": p.probability, "top": p.top} for p in predictions]
+            )
+        )
     else:
         for p in predictions:
             print(f"{p.file}\t{p.label}\t{p.probability:.4f}")

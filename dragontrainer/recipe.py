@@ -120,7 +120,7 @@ class AugmentSpec(Section):
 class ModelSpec(Section):
     """The network: a zoo entry plus the layer choices it is built with."""
 
-    name: str = "resnet"  # mlp | lenet | vgg | resnet
+    name: str = "vgg"  # mlp | lenet | vgg | resnet
     widths: list[int] | None = None  # channels (or units) per stage; None: the model's default
     depth: int | None = Field(None, ge=1, le=64)  # blocks (or convs) per stage; None: the default
     activation: str = "relu"
@@ -164,7 +164,7 @@ class OptimSpec(Section):
     """Optimiser and its hyperparameters; `lr` is per `reference_batch_size` images."""
 
     name: str = "sgd"  # sgd | adam
-    lr: float = Field(0.1, gt=0, le=100)
+    lr: float = Field(0.2, gt=0, le=100)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     betas: tuple[float, float] = (0.9, 0.999)

@@ -70,14 +70,14 @@ def _first_line(doc: str | None) -> str:
 
 def all_components() -> dict[str, dict[str, str]]:
     """Every registry, kind -> {name: description}; imports the modules that fill them."""
-    import dragontrainer.data.augment  # noqa: F401
-    import dragontrainer.data.preprocess  # noqa: F401
-    import dragontrainer.data.sources  # noqa: F401
-    import dragontrainer.nn.activations  # noqa: F401
-    import dragontrainer.nn.init  # noqa: F401
-    import dragontrainer.nn.models  # noqa: F401
-    import dragontrainer.nn.norms  # noqa: F401
-    import dragontrainer.optim.optimizers  # noqa: F401
+    import dragontrainer.data.augment
+    import dragontrainer.data.preprocess
+    import dragontrainer.data.sources
+    import dragontrainer.nn.activations
+    import dragontrainer.nn.init
+    import dragontrainer.nn.models
+    import dragontrainer.nn.norms
+    import dragontrainer.optim.optimizers
     import dragontrainer.optim.schedules  # noqa: F401
 
     return {kind: reg.describe() for kind, reg in sorted(ALL_REGISTRIES.items())}

@@ -10,6 +10,7 @@ leaves a half-written file behind; a torn last line of a .jsonl file is dropped 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -17,10 +18,11 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dragontrainer.errors import RunError
 from dragontrainer.recipe import Recipe
@@ -101,7 +103,7 @@ class RunDir:
     @classmethod
     def create(cls, recipe: Recipe) -> RunDir:
         """A new, empty run folder; an existing run there is refused (resume it instead)."""
-        path = recipe.run.dir or recipe.run.root / default_name(recipe)
+        path = recipe.run.dir or unique_path(recipe.run.root / default_name(recipe))
         if (path / "recipe.yaml").exists():
             raise RunError(f"{path}: a run already exists here; continue it with `dragon resume {path}` or set run.dir")
         try:
@@ -122,6 +124,18 @@ class RunDir:
         if not run.recipe_path.is_file():
             raise RunError(f"{path}: not a run folder (no recipe.yaml)")
         return run
+
+    def discard_if_unstarted(self) -> None:
+        """Remove a run folder this process just created when training never wrote a checkpoint.
+
+        Bad data found at start-up then leaves no half-made run behind; anything else stays.
+        """
+        if self.checkpoints.exists() or self.metrics_path.exists():
+            return
+        for name in ("recipe.yaml", "provenance.json", "data.json", "preprocess.safetensors", ".lock"):
+            (self.path / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
 
     def recipe(self) -> Recipe:
         return Recipe.load(self.recipe_path)
@@ -159,6 +173,15 @@ class RunDir:
         """Drop lines of epochs after `epoch` (and any torn line): the state a checkpoint matches."""
         kept = [r for r in self.history() if r.get("epoch", 0) <= epoch]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def unique_path(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... when runs started in the same second."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def default_name(recipe: Recipe) -> str:

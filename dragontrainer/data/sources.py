@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -100,9 +100,8 @@ def labels_from_array(y: np.ndarray, origin: str) -> np.ndarray:
         raise DataError(f"{origin}: labels must be a 1-D array, got shape {y.shape}")
     if y.dtype.kind == "b" or y.dtype.kind not in "iuf":
         raise DataError(f"{origin}: labels must be integers, got dtype {y.dtype}")
-    if y.dtype.kind == "f":
-        if not np.isfinite(y).all() or not np.equal(np.mod(y, 1), 0).all():
-            raise DataError(f"{origin}: labels must be whole numbers, found a non-integer value")
+    if y.dtype.kind == "f" and (not np.isfinite(y).all() or not np.equal(np.mod(y, 1), 0).all()):
+        raise DataError(f"{origin}: labels must be whole numbers, found a non-integer value")
     y = y.astype(np.int64)
     if len(y) and y.min() < 0:
         raise DataError(f"{origin}: label {int(y.min())} is negative; labels must be 0..C-1")
@@ -119,9 +118,7 @@ def pixels_to_uint8(x: np.ndarray, origin: str) -> np.ndarray:
     finite = np.isfinite(x)
     if not finite.all():
         bad_image = int(np.nonzero(~finite.reshape(len(x), -1).all(axis=1))[0][0])
-        raise DataError(
-            f"{origin}: pixels contain {int((~finite).sum())} NaN/Inf values (first in image {bad_image})"
-        )
+        raise DataError(f"{origin}: pixels contain {int((~finite).sum())} NaN/Inf values (first in image {bad_image})")
     if len(x) and x.max() <= 1.0 and x.min() >= 0.0:
         x = x * 255.0
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
@@ -315,7 +312,8 @@ def read_names(path: Path, count: int) -> list[str]:
 class RestrictedUnpickler(pickle.Unpickler):
     """Admits only plain containers and numpy arrays; any other global is refused before it runs."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("_codecs", "encode"),  # protocol-2 pickles store bytes as latin-1 text; a pure function
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

@@ -50,4 +50,4 @@ def stratified_split(y: np.ndarray, val_fraction: float, test_fraction: float, s
 
 def _share(count: int, fraction: float) -> int:
     """Rounded share of a class, at least 1 whenever the fraction is positive."""
-    return 0 if fraction <= 0 else max(1, int(round(count * fraction)))
+    return 0 if fraction <= 0 else max(1, round(count * fraction))

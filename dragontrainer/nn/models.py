@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -81,7 +82,7 @@ def mlp(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) ->
         )
 
     stem = nn.Sequential(nn.Flatten(), layer(in_channels * image_size * image_size, widths[0]))
-    blocks = [layer(a, b) for a, b in zip(widths, widths[1:], strict=False)]
+    blocks = [layer(a, b) for a, b in itertools.pairwise(widths)]
     return Network(stem, blocks, nn.Linear(widths[-1], num_classes))
 
 

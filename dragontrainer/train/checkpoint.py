@@ -80,7 +80,9 @@ def load_model_weights(folder: Path, model: torch.nn.Module) -> None:
     try:
         model.load_state_dict({k: v.to(device) for k, v in tensors.items()})
     except RuntimeError as exc:
-        raise RunError(f"{found / MODEL_FILE}: weights do not fit the recipe's model ({str(exc).splitlines()[0]})") from None
+        raise RunError(
+            f"{found / MODEL_FILE}: weights do not fit the recipe's model ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, structure: dict[str, Any]) -> None:

@@ -121,7 +121,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise RecipeError(f"recipe field train.device: {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+        raise RecipeError(
+            f"recipe field train.device: {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError("recipe field train.device: cuda was asked for but no CUDA device is available")
     return device
@@ -210,13 +212,12 @@ class Loop:
     data: PreparedData
     amp: torch.dtype | None
     callbacks: Sequence[Callback]
-    epochs: int
 
     def checkpoint_state(self, state: TrainState, meter: EpochMeter) -> dict[str, Any]:
         return {
             "train": state.state_dict(),
             "meter": meter.state_dict(),
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
             "rng": capture_rng(self.augment_generator),
         }
 
@@ -230,8 +231,9 @@ class Loop:
         load_optimizer(folder, self.optimizer, saved["optimizer"])
         state.load_state_dict(saved["train"])
         meter.load_state_dict(saved["meter"])
-        for callback, cb_state in zip(self.callbacks, saved["callbacks"], strict=True):
-            callback.load_state_dict(cb_state)
+        for callback in self.callbacks:
+            if type(callback).__name__ in saved["callbacks"]:
+                callback.load_state_dict(saved["callbacks"][type(callback).__name__])
         restore_rng(saved["rng"], self.augment_generator)
         self.run.keep_metrics_through(state.epoch)
 
@@ -253,12 +255,18 @@ class Loop:
     def run_epoch(self, state: TrainState, meter: EpochMeter, progress: TrainProgress, stops: list[int]) -> None:
         """Train one epoch (from `state.step_in_epoch`, when resumed mid-epoch), checking for stop requests."""
         self.model.train()
+        for callback in self.callbacks:
+            callback.on_epoch_start(state, {})
         started = time.perf_counter()
         seconds_before = meter.seconds
         for x, y in self.data.train.batches(state.epoch, start_step=state.step_in_epoch):
             self.train_step(x, y, state, meter)
+            for callback in self.callbacks:
+                callback.on_step_end(state, {})
             elapsed = seconds_before + time.perf_counter() - started
-            progress.step(global_step=state.global_step, epoch=state.epoch + 1, lr=self.current_lr(), meter=meter, elapsed=elapsed)
+            progress.step(
+                global_step=state.global_step, epoch=state.epoch + 1, lr=self.current_lr(), meter=meter, elapsed=elapsed
+            )
             if stops:
                 meter.seconds = elapsed
                 self.save_last(state, meter)
@@ -294,7 +302,12 @@ class Loop:
         state.epoch, state.step_in_epoch = epoch, 0
         meter.reset()
         self.save_last(state, meter)
-        return {**logs, "epoch": epoch, "lr": train_record["lr"], "images_per_second": train_record["images_per_second"]}
+        return {
+            **logs,
+            "epoch": epoch,
+            "lr": train_record["lr"],
+            "images_per_second": train_record["images_per_second"],
+        }
 
 
 def fit(
@@ -323,13 +336,15 @@ def fit(
     lr = effective_lr(recipe.optim, recipe.train.batch_size)
     optimizer = create_optimizer(groups, recipe.optim, lr)
     steps_per_epoch = len(data.train)
-    lr_factor = create_schedule(recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * recipe.train.epochs)
+    lr_factor = create_schedule(
+        recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * recipe.train.epochs
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
     stopper = EarlyStopping(recipe.train.early_stopping)
     loop = Loop(
         run, model, optimizer, lr_factor, criterion, augment,
         torch.Generator(device).manual_seed(recipe.seed + 1), data,
-        autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.train.epochs,
+        autocast_dtype(recipe.train.amp, device), [stopper, *callbacks],
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
     if resume:
@@ -343,9 +358,12 @@ def fit(
     )
     for callback in loop.callbacks:
         callback.on_fit_start(state, {})
-    with stop_requests() as stops, TrainProgress(
-        enabled=progress, epochs=recipe.train.epochs, steps_per_epoch=steps_per_epoch, console=console
-    ) as bar:
+    with (
+        stop_requests() as stops,
+        TrainProgress(
+            enabled=progress, epochs=recipe.train.epochs, steps_per_epoch=steps_per_epoch, console=console
+        ) as bar,
+    ):
         while state.epoch < recipe.train.epochs and state.stop_reason is None:
             loop.run_epoch(state, meter, bar, stops)
             bar.epoch_end(loop.end_epoch(state, meter, stopper), state.global_step)

@@ -59,7 +59,8 @@ class TrainProgress:
             return
         self.bar.update(self.task, completed=global_step)
         self.console.print(
-            f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.2%}  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%}"
-            f"  lr {record['lr']:.3g}  {record['images_per_second']:,.0f} img/s"
+            f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.3f} "
+            f"acc {record['train_accuracy']:.1%}  val loss {record['val_loss']:.3f} "
+            f"acc {record['val_accuracy']:.1%}  lr {record['lr']:.2g}",
+            highlight=False,
         )

@@ -60,7 +60,12 @@ class EpochMeter:
         return int(self.correct) / max(self.seen, 1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_sum": float(self.loss_sum), "correct": int(self.correct), "seen": self.seen, "seconds": self.seconds}
+        return {
+            "loss_sum": float(self.loss_sum),
+            "correct": int(self.correct),
+            "seen": self.seen,
+            "seconds": self.seconds,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64, device=self.device)

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dragontrainer.errors import RecipeError
+from dragontrainer.recipe import Recipe, parse_override, schema_keys
+
+
+def test_defaults_are_the_reference_summary_recipe() -> None:
+    recipe = Recipe()
+    assert recipe.model.activation == "relu" and recipe.model.init == "he" and recipe.model.norm == "batch"
+    assert recipe.optim.name == "sgd" and recipe.optim.nesterov and recipe.optim.momentum == 0.9
+    assert recipe.optim.weight_decay == 5e-4 and recipe.train.label_smoothing == 0.1
+    assert recipe.schedule.name == "cosine" and recipe.schedule.warmup_epochs > 0
+    assert recipe.train.batch_size == 128 and recipe.preprocess.name == "standardize"
+
+
+def test_yaml_round_trip_gives_an_equal_recipe(tmp_path: Path) -> None:
+    recipe = Recipe.load(overrides=["optim.lr=0.03", "model.widths=[8,16]", "train.epochs=7", "data.test_fraction=0.1"])
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    assert Recipe.load(path) == recipe
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  lr: 0.5\ntrain:\n  epochs: 4\n")
+    recipe = Recipe.load(path, ["train.epochs=9"])
+    assert recipe.optim.lr == 0.5 and recipe.train.epochs == 9
+
+
+def test_unknown_key_suggests_the_closest() -> None:
+    with pytest.raises(RecipeError, match=r"unknown key optim\.lrr, did you mean optim\.lr\?"):
+        Recipe.load(overrides=["optim.lrr=0.1"])
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(RecipeError, match="unknown key trian, did you mean train"):
+        Recipe.load(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("optim.lr=-1", "optim.lr: input should be greater than 0"),
+        ("model.dropout=1.0", "model.dropout: input should be less than 1"),
+        ("optim.momentum=1", "optim.momentum: input should be less than 1"),
+        ("train.epochs=abc", "train.epochs: input should be a valid integer"),
+        ("train.batch_size=0", "train.batch_size: input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_field_and_range(override: str, fragment: str) -> None:
+    with pytest.raises(RecipeError, match=fragment):
+        Recipe.load(overrides=[override])
+
+
+def test_unknown_component_name_suggests_a_registered_one() -> None:
+    with pytest.raises(RecipeError, match="unknown optimizer 'adm'. Did you mean 'adam'"):
+        Recipe.load(overrides=["optim.name=adm"])
+
+
+def test_recipe_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="expected a mapping of sections"):
+        Recipe.load(path)
+
+
+def test_warmup_longer_than_the_run_is_refused() -> None:
+    with pytest.raises(RecipeError, match=r"warmup_epochs \(5.0\) must be shorter than train.epochs \(3\)"):
+        Recipe.load(overrides=["train.epochs=3", "schedule.warmup_epochs=5"])
+
+
+def test_override_values_are_read_as_yaml() -> None:
+    assert parse_override("model.widths=[1, 2]") == ("model.widths", [1, 2])
+    assert parse_override("run.dir=null") == ("run.dir", None)
+    with pytest.raises(RecipeError, match="expected dotted.key=value"):
+        parse_override("optim.lr")
+
+
+def test_every_schema_key_is_settable_by_override() -> None:
+    recipe = Recipe()
+    for key, section in schema_keys().items():
+        if section is None:
+            node = recipe
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert recipe.with_overrides({key: node}) == recipe, key

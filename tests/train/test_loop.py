@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dragontrainer import Recipe, resume, train
+from dragontrainer.train.callbacks import Callback
+from dragontrainer.train.loop import TrainingInterrupted
+from dragontrainer.train.state import TrainState
+from tests.conftest import TINY
+
+
+def weights(run_dir: Path, tag: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / tag / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_default_recipe_reaches_98_5_percent_on_digits(tmp_path: Path) -> None:
+    """The real default recipe (VGG, SGD+Nesterov, warm-up + cosine, flips/crops) on the embedded digits."""
+    result = train(Recipe.load(overrides=[f"run.dir={tmp_path / 'run'}"]))
+    assert result.val_accuracy >= 0.985, result.summary()
+    assert result.epochs == 30 and result.images_per_second > 0
+
+
+def test_run_folder_contents_and_metrics(tiny: list[str]) -> None:
+    result = train(Recipe.load(overrides=tiny))
+    run = result.run_dir
+    for name in (
+        "recipe.yaml",
+        "provenance.json",
+        "data.json",
+        "preprocess.safetensors",
+        "metrics.jsonl",
+        "result.json",
+    ):
+        assert (run / name).is_file(), name
+    for tag in ("last", "best"):
+        assert (run / "checkpoints" / tag / "model.safetensors").is_file()
+        assert (run / "checkpoints" / tag / "state.json").is_file()
+    assert (run / "checkpoints" / "last" / "optimizer.safetensors").is_file()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["split"]) for r in lines] == [(e, s) for e in (1, 2, 3) for s in ("train", "val")]
+    assert result.history == lines
+    state = json.loads((run / "checkpoints" / "last" / "state.json").read_text())
+    assert state["train"]["epoch"] == 3 and {"python", "numpy", "torch", "augment"} <= state["rng"].keys()
+    assert Recipe.load(run / "recipe.yaml").run.dir == run
+
+
+def test_same_seed_same_weights_and_metrics(tmp_path: Path) -> None:
+    a = train(Recipe.load(overrides=[*TINY, f"run.dir={tmp_path / 'a'}"]))
+    b = train(Recipe.load(overrides=[*TINY, f"run.dir={tmp_path / 'b'}"]))
+    assert_same_weights(weights(a.run_dir), weights(b.run_dir))
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in h]
+    assert strip(a.history) == strip(b.history)
+    c = train(Recipe.load(overrides=[*TINY, "seed=1", f"run.dir={tmp_path / 'c'}"]))
+    first = next(k for k in weights(a.run_dir) if k.endswith("weight"))
+    assert not torch.equal(weights(a.run_dir)[first], weights(c.run_dir)[first])
+
+
+class InterruptAt(Callback):
+    """Sends this process SIGINT after a given global step, as Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state: TrainState, logs: dict) -> None:
+        if state.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("stop_step", [5, 14])
+def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path: Path, stop_step: int) -> None:
+    # default VGG with batch norm, dropout, flips and crops: every RNG and running statistic matters
+    overrides = ["model.widths=[8,16]", "model.dropout=0.3", "augment.hflip.p=0.5", "train.epochs=3",
+                 "train.batch_size=256", "schedule.warmup_epochs=1"]  # fmt: skip
+    full = train(Recipe.load(overrides=[*overrides, f"run.dir={tmp_path / 'full'}"]))
+    recipe = Recipe.load(overrides=[*overrides, f"run.dir={tmp_path / 'cut'}"])
+    with pytest.raises(TrainingInterrupted, match="dragon resume"):
+        train(recipe, callbacks=[InterruptAt(stop_step)])
+    lines = (
+        (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+        if (tmp_path / "cut" / "metrics.jsonl").exists()
+        else []
+    )
+    assert all(json.loads(line) for line in lines)
+    resumed = resume(tmp_path / "cut")
+    assert_same_weights(weights(full.run_dir), weights(resumed.run_dir))
+    assert_same_weights(weights(full.run_dir, "best"), weights(resumed.run_dir, "best"))
+    assert [(r["epoch"], r["split"], r["loss"]) for r in resumed.history] == [
+        (r["epoch"], r["split"], r["loss"]) for r in full.history
+    ]
+
+
+def test_early_stopping_stops_and_says_why(tmp_path: Path) -> None:
+    result = train(Recipe.load(overrides=[*TINY, "train.epochs=30", "optim.lr=1e-9", "model.norm=none",
+                                          "train.early_stopping.patience=2", "train.early_stopping.min_delta=0.01",
+                                          f"run.dir={tmp_path / 'r'}"]))  # fmt: skip
+    assert result.epochs == 3 and result.best_epoch == 1
+    assert "early stopping" in (result.stop_reason or "")
+
+
+def test_test_split_is_scored_with_best_weights(tmp_path: Path) -> None:
+    result = train(Recipe.load(overrides=[*TINY, "data.test_fraction=0.2", f"run.dir={tmp_path / 'r'}"]))
+    assert result.test_accuracy is not None and result.test_accuracy > 0.5
