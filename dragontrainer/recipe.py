@@ -374,6 +374,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         message = message[0].lower() + message[1:] if message else message
         where = f"recipe field {loc}" if loc else "recipe"
         shown = error.get("input")
-        got = "" if isinstance(shown, dict) or "got" in message else f", got {shown!r}"
+        already_named = "got" in message or repr(shown) in message
+        got = "" if isinstance(shown, dict) or already_named else f", got {shown!r}"
         parts.append(f"{where}: {message}{got}")
     return "; ".join(parts)

@@ -83,9 +83,10 @@ class PaddedCrop(Augmentation):
         rows = params["dy"].view(n, 1) + torch.arange(h, device=x.device)  # (n, h)
         cols = params["dx"].view(n, 1) + torch.arange(w, device=x.device)  # (n, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1)
-        # advanced indexing puts the indexed dims first: (n, h, w, c) -> back to (n, c, h, w)
+        # advanced indexing puts the indexed dims first: (n, h, w, c); the permuted view back to
+        # (n, c, h, w) is channels-last in memory, which is what the network wants anyway
         crops = padded.permute(0, 2, 3, 1)[batch, rows.view(n, h, 1), cols.view(n, 1, w)]
-        return crops.permute(0, 3, 1, 2).contiguous()
+        return crops.permute(0, 3, 1, 2)
 
 
 class Augmenter:

@@ -22,13 +22,19 @@ from dragontrainer.registry import Registry
 class Network(nn.Module):
     """stem -> blocks -> head; `stages()` names them for transfer learning and monitoring."""
 
-    def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module) -> None:
+    def __init__(
+        self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module, *, convolutional: bool = True
+    ) -> None:
         super().__init__()
         self.stem = stem
         self.blocks = nn.Sequential(*blocks)
         self.head = head
+        # channels-last activations: oneDNN (CPU) and cuDNN (tensor cores) run convs ~25% faster
+        self.memory_format = torch.channels_last if convolutional else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)  # a no-op when the batch is already so
         return self.head(self.blocks(self.stem(x)))
 
     def stages(self) -> dict[str, nn.Module]:
@@ -83,7 +89,7 @@ def mlp(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) ->
 
     stem = nn.Sequential(nn.Flatten(), layer(in_channels * image_size * image_size, widths[0]))
     blocks = [layer(a, b) for a, b in itertools.pairwise(widths)]
-    return Network(stem, blocks, nn.Linear(widths[-1], num_classes))
+    return Network(stem, blocks, nn.Linear(widths[-1], num_classes), convolutional=False)
 
 
 # ---------------------------------------------------------------------------------- lenet
