@@ -163,12 +163,15 @@ class ModelSpec(Section):
 class OptimSpec(Section):
     """Optimiser and its hyperparameters; `lr` is per `reference_batch_size` images."""
 
-    name: str = "sgd"  # sgd | adam
+    name: str = "sgd"  # sgd | adagrad | rmsprop | adam | amsgrad | adamw | nadam | radam | adabelief | diffgrad
     lr: float = Field(0.2, gt=0, le=100)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam family
     eps: float = Field(1e-8, gt=0, le=1)
+    bias_correction: bool = True  # adam only: false shows the huge first steps it prevents
+    rho: float = Field(0.99, ge=0, lt=1)  # rmsprop: decay of the running mean of g²
+    rmsprop_momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0, lt=1)  # never on biases or normalisation parameters
     lr_scaling: Literal["linear", "none"] = "linear"  # lr × batch_size / reference_batch_size
     reference_batch_size: int = Field(128, ge=1)
@@ -187,13 +190,28 @@ class OptimSpec(Section):
 
 
 class ScheduleSpec(Section):
-    """Learning-rate factor per iteration: linear warm-up, then the named decay."""
+    """Learning-rate factor per iteration: linear warm-up, then the named decay. Times in epochs."""
 
-    name: str = "cosine"  # constant | cosine | step
+    name: str = "cosine"  # see `dragon components`: constant, step, multistep, exponential, ...
     warmup_epochs: float = Field(1.0, ge=0)
-    min_lr_fraction: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
+    min_lr_fraction: float = Field(0.0, ge=0, le=1)  # floor (cosine, linear, polynomial); cyclic low end
     step_epochs: float = Field(30.0, gt=0)  # step: multiply by `gamma` every this many epochs
+    milestones_epochs: list[float] = [30.0, 60.0, 80.0]  # multistep: multiply by `gamma` at each
     gamma: float = Field(0.1, gt=0, le=1)
+    decay_rate: float = Field(0.1, ge=0)  # k per epoch: exponential e^(−kt), inverse time 1/(1+kt), ...
+    power: float = Field(2.0, gt=0)  # polynomial: (1 − t/T)^power
+    restart_epochs: float = Field(10.0, gt=0)  # cosine_restarts: length of the first period
+    restart_mult: float = Field(1.0, ge=1)  # cosine_restarts: each period this many times longer
+    cycle_epochs: float = Field(8.0, gt=0)  # cyclic: one full low -> high -> low cycle
+    cyclic_mode: Literal["triangular", "triangular2", "exp_range"] = "triangular"
+    cyclic_gamma: float = Field(0.9999, gt=0, le=1)  # exp_range: amplitude × gamma^step
+    onecycle_pct: float = Field(0.3, gt=0, lt=1)  # one_cycle: fraction of the run spent rising
+    onecycle_div: float = Field(25.0, ge=1)  # one_cycle: start at lr / div
+    onecycle_final_div: float = Field(1e4, ge=1)  # one_cycle: end at lr / (div × final_div)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)  # plateau: multiply lr by this (0.5 = divide by 2)
+    plateau_patience: int = Field(3, ge=1)  # plateau: epochs without val_loss improvement first
+    plateau_min_delta: float = Field(0.0, ge=0)
+    plateau_min_fraction: float = Field(1e-3, ge=0, le=1)  # never below lr × this
 
     @field_validator("name")
     @classmethod

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from dragontrainer.optim.custom import AdaBelief, AdamNoBiasCorrection, DiffGrad
 from dragontrainer.recipe import OptimSpec
 from dragontrainer.registry import Registry
 
@@ -16,15 +17,65 @@ OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 
 @OPTIMIZERS.register("sgd")
 def sgd(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
-    """SGD with momentum (v = μv + g; w -= lr·v) and optional Nesterov look-ahead."""
+    """SGD; with optim.momentum > 0 heavy-ball momentum (v = μv + g; w -= lr·v); optim.nesterov looks ahead."""
     nesterov = spec.nesterov and spec.momentum > 0
     return torch.optim.SGD(groups, lr=lr, momentum=spec.momentum, nesterov=nesterov)
 
 
+@OPTIMIZERS.register("adagrad")
+def adagrad(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
+    """AdaGrad (Duchi et al. 2011): per-parameter steps shrink with the sum of squared gradients."""
+    return torch.optim.Adagrad(groups, lr=lr, eps=spec.eps)
+
+
+@OPTIMIZERS.register("rmsprop")
+def rmsprop(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
+    """RMSProp (Hinton): steps divided by a running RMS of gradients (decay `rho`), optional momentum."""
+    return torch.optim.RMSprop(groups, lr=lr, alpha=spec.rho, eps=spec.eps, momentum=spec.rmsprop_momentum)
+
+
 @OPTIMIZERS.register("adam")
 def adam(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
-    """Adam with bias correction (Kingma & Ba 2015); weight decay as L2 in the gradient."""
+    """Adam (Kingma & Ba 2015), with bias correction unless optim.bias_correction=false."""
+    if not spec.bias_correction:
+        return AdamNoBiasCorrection(groups, lr=lr, betas=spec.betas, eps=spec.eps, weight_decay=0.0)
     return torch.optim.Adam(groups, lr=lr, betas=spec.betas, eps=spec.eps)
+
+
+@OPTIMIZERS.register("amsgrad")
+def amsgrad(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
+    """AMSGrad (Reddi et al. 2018): Adam with a non-decreasing second moment."""
+    return torch.optim.Adam(groups, lr=lr, betas=spec.betas, eps=spec.eps, amsgrad=True)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019): weight decay decoupled from the adaptive step."""
+    return torch.optim.AdamW(groups, lr=lr, betas=spec.betas, eps=spec.eps)
+
+
+@OPTIMIZERS.register("nadam")
+def nadam(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
+    """NAdam (Dozat 2016): Adam with Nesterov momentum."""
+    return torch.optim.NAdam(groups, lr=lr, betas=spec.betas, eps=spec.eps)
+
+
+@OPTIMIZERS.register("radam")
+def radam(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
+    """RAdam (Liu et al. 2020): Adam with the variance of the adaptive rate rectified early on."""
+    return torch.optim.RAdam(groups, lr=lr, betas=spec.betas, eps=spec.eps)
+
+
+@OPTIMIZERS.register("adabelief")
+def adabelief(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
+    """AdaBelief (Zhuang et al. 2020): steps scaled by the belief (g − m)² instead of g²."""
+    return AdaBelief(groups, lr=lr, betas=spec.betas, eps=spec.eps, weight_decay=0.0)
+
+
+@OPTIMIZERS.register("diffgrad")
+def diffgrad(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:
+    """diffGrad (Dubey et al. 2019): Adam slowed by a friction term from the change of the gradient."""
+    return DiffGrad(groups, lr=lr, betas=spec.betas, eps=spec.eps, weight_decay=0.0)
 
 
 def effective_lr(spec: OptimSpec, batch_size: int) -> float:

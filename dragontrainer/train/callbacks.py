@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dragontrainer.recipe import EarlyStoppingSpec
+from dragontrainer.recipe import EarlyStoppingSpec, ScheduleSpec
 from dragontrainer.train.state import TrainState
 
 Logs = dict[str, Any]
@@ -77,3 +77,34 @@ class EarlyStopping(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+class ReduceOnPlateau(Callback):
+    """Multiply the learning rate by `plateau_factor` when val_loss has not improved for
+    `plateau_patience` epochs — the reference texts' "divide by 2 or 5 when validation stops improving"."""
+
+    def __init__(self, spec: ScheduleSpec) -> None:
+        self.factor = spec.plateau_factor
+        self.patience = spec.plateau_patience
+        self.min_delta = spec.plateau_min_delta
+        self.min_scale = spec.plateau_min_fraction
+        self.best: float | None = None
+        self.bad_epochs = 0
+        self.reductions: list[int] = []  # epochs after which the learning rate was reduced
+
+    def on_eval_end(self, state: TrainState, logs: Logs) -> None:
+        value = float(logs["val_loss"])
+        if self.best is None or value < self.best - self.min_delta:
+            self.best, self.bad_epochs = value, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience and state.lr_scale > self.min_scale:
+            state.lr_scale = max(state.lr_scale * self.factor, self.min_scale)
+            self.bad_epochs = 0
+            self.reductions.append(state.epoch + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "reductions": self.reductions}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_epochs, self.reductions = state["best"], state["bad_epochs"], list(state["reductions"])

@@ -32,7 +32,7 @@ from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.optim.schedules import LrFactor, create_schedule
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir, atomic_write_json
-from dragontrainer.train.callbacks import Callback, EarlyStopping
+from dragontrainer.train.callbacks import Callback, EarlyStopping, ReduceOnPlateau
 from dragontrainer.train.checkpoint import (
     checkpoint_folder,
     load_model_weights,
@@ -240,7 +240,7 @@ class Loop:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, meter: EpochMeter) -> None:
         state.lr = self.lr_factor(state.global_step)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * state.lr
+            group["lr"] = group["base_lr"] * state.lr * state.lr_scale
         x = self.augment(x, self.augment_generator)
         with torch.autocast(x.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             logits = self.model(x)
@@ -341,6 +341,8 @@ def fit(
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
     stopper = EarlyStopping(recipe.train.early_stopping)
+    if recipe.schedule.name == "plateau":
+        callbacks = [ReduceOnPlateau(recipe.schedule), *callbacks]
     loop = Loop(
         run, model, optimizer, lr_factor, criterion, augment,
         torch.Generator(device).manual_seed(recipe.seed + 1), data,

@@ -18,7 +18,8 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
-    lr: float = 0.0
+    lr: float = 0.0  # the schedule's factor at the last step
+    lr_scale: float = 1.0  # reductions by reduce-on-plateau multiply the schedule
     best_epoch: int = 0
     stop_reason: str | None = None
 

@@ -46,3 +46,17 @@ def test_min_delta_and_state_round_trip() -> None:
 def test_missing_metric_is_an_error_naming_the_available_ones() -> None:
     with pytest.raises(KeyError, match="available: val_acc"):
         EarlyStopping(EarlyStoppingSpec()).on_eval_end(TrainState(), {"val_acc": 1.0})
+
+
+def test_reduce_on_plateau_divides_after_patience_and_respects_the_floor() -> None:
+    from dragontrainer.recipe import ScheduleSpec
+    from dragontrainer.train.callbacks import ReduceOnPlateau
+
+    plateau = ReduceOnPlateau(
+        ScheduleSpec(name="plateau", plateau_factor=0.5, plateau_patience=2, plateau_min_fraction=0.2)
+    )
+    state = TrainState()
+    for value in [1.0, 0.8, 0.81, 0.82, 0.79, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]:
+        plateau.on_eval_end(state, {"val_loss": value})
+        state.epoch += 1
+    assert plateau.reductions == [4, 7, 9] and state.lr_scale == pytest.approx(0.2)

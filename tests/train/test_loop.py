@@ -112,3 +112,14 @@ def test_early_stopping_stops_and_says_why(tmp_path: Path) -> None:
 def test_test_split_is_scored_with_best_weights(tmp_path: Path) -> None:
     result = train(Recipe.load(overrides=[*TINY, "data.test_fraction=0.2", f"run.dir={tmp_path / 'r'}"]))
     assert result.test_accuracy is not None and result.test_accuracy > 0.5
+
+
+def test_plateau_schedule_lowers_the_learning_rate_in_a_real_run(tmp_path: Path) -> None:
+    overrides = [*TINY, "train.epochs=4", "model.norm=none", "optim.lr=1e-9", "optim.lr_scaling=none",
+                 "schedule.name=plateau", "schedule.plateau_patience=1", "schedule.plateau_min_delta=0.01",
+                 "train.early_stopping.patience=null",
+                 f"run.dir={tmp_path / 'r'}"]  # fmt: skip
+    result = train(Recipe.load(overrides=overrides))
+    lrs = [r["lr"] for r in result.history if r["split"] == "train"]
+    # epoch 1 sets the best; each later epoch fails to improve and halves the lr for the next epoch
+    assert lrs == pytest.approx([1e-9, 1e-9, 0.5e-9, 0.25e-9], rel=1e-6, abs=0)
