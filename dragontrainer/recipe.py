@@ -124,8 +124,14 @@ class ModelSpec(Section):
     widths: list[int] | None = None  # channels (or units) per stage; None: the model's default
     depth: int | None = Field(None, ge=1, le=64)  # blocks (or convs) per stage; None: the default
     activation: str = "relu"
+    leaky_slope: float = Field(0.01, ge=0, lt=1)  # leaky_relu: negative-side slope (1/100; 1/5.5 ≈ 0.18)
+    rrelu_lower: float = Field(3.0, gt=1)  # rrelu: negative slope 1/a, a ~ U(lower, upper) in training
+    rrelu_upper: float = Field(8.0, gt=1)
     norm: str = "batch"
-    init: str = "he"
+    init: str = "he"  # he | xavier | ... | lsuv | auto (matches each layer's activation)
+    init_mode: Literal["fan_in", "fan_out"] = "fan_in"  # he / he_uniform
+    init_std: float = Field(0.01, gt=0)  # normal: N(0, std²) (the reference's 0.01, 0.03 ...)
+    init_value: float = 0.0  # constant
     dropout: float = Field(0.0, ge=0, lt=1)  # before the head (and between MLP layers)
     zero_init_residual: bool = True  # last norm of each residual branch starts at 0 (Goyal et al.)
 
@@ -135,6 +141,12 @@ class ModelSpec(Section):
         if widths is not None and (not widths or min(widths) < 1):
             raise ValueError(f"must be a non-empty list of integers >= 1, got {widths}")
         return widths
+
+    @model_validator(mode="after")
+    def _rrelu_range(self) -> ModelSpec:
+        if self.rrelu_lower > self.rrelu_upper:
+            raise ValueError(f"rrelu_lower ({self.rrelu_lower}) must not exceed rrelu_upper ({self.rrelu_upper})")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -31,7 +31,6 @@ class Network(nn.Module):
         self.head = head
         # channels-last activations: oneDNN (CPU) and cuDNN (tensor cores) run convs ~25% faster
         self.memory_format = torch.channels_last if convolutional else torch.contiguous_format
-        self.to(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=self.memory_format)  # a no-op when the batch is already so
@@ -53,7 +52,7 @@ def conv_block(spec: ModelSpec, c_in: int, c_out: int, kernel: int = 3, stride: 
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=spec.norm == "none"),
         create_norm(spec.norm, c_out, dims=2),
-        create_activation(spec.activation),
+        create_activation(spec, c_out),
     )
 
 
@@ -83,7 +82,7 @@ def mlp(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) ->
         return nn.Sequential(
             nn.Linear(n_in, n_out, bias=spec.norm == "none"),
             create_norm(spec.norm, n_out, dims=1),
-            create_activation(spec.activation),
+            create_activation(spec, n_out),
             nn.Dropout(spec.dropout),
         )
 
@@ -112,9 +111,9 @@ def lenet(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) 
     stem = conv_pool(in_channels, c1)
     second = conv_pool(c1, c2)
     dense1 = nn.Sequential(
-        nn.Flatten(), nn.Linear(c2 * size * size, f1), create_activation(spec.activation), nn.Dropout(spec.dropout)
+        nn.Flatten(), nn.Linear(c2 * size * size, f1), create_activation(spec, f1), nn.Dropout(spec.dropout)
     )
-    dense2 = nn.Sequential(nn.Linear(f1, f2), create_activation(spec.activation), nn.Dropout(spec.dropout))
+    dense2 = nn.Sequential(nn.Linear(f1, f2), create_activation(spec, f2), nn.Dropout(spec.dropout))
     return Network(stem, [second, dense1, dense2], nn.Linear(f2, num_classes))
 
 
@@ -160,7 +159,7 @@ class BasicBlock(nn.Module):
                 nn.Conv2d(c_in, c_out, 1, stride=stride, bias=spec.norm == "none"),
                 create_norm(spec.norm, c_out, dims=2),
             )
-        self.activation = create_activation(spec.activation)
+        self.activation = create_activation(spec, c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.branch(x) + self.shortcut(x))
@@ -195,12 +194,12 @@ def resnet(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int)
 def create_model(spec: ModelSpec, *, in_channels: int, num_classes: int, image_size: int) -> Network:
     """Build the zoo entry, then initialise it as the recipe says (the global torch RNG is used)."""
     model = MODELS.get(spec.name)(spec, in_channels, num_classes, image_size)
-    init_model(model, spec.init, spec.activation)
+    init_model(model, spec)  # before the memory-format change: some initialisers view weights as 2-D
     if spec.zero_init_residual:
         for module in model.modules():
             if isinstance(module, BasicBlock):
                 module.zero_init_last_norm()
-    return model
+    return model.to(memory_format=model.memory_format)
 
 
 def count_parameters(model: nn.Module) -> int:

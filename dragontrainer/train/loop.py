@@ -26,6 +26,7 @@ from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet, load_images
 from dragontrainer.data.split import Split, stratified_split
 from dragontrainer.errors import RecipeError
+from dragontrainer.nn.init import lsuv_rescale
 from dragontrainer.nn.models import count_parameters, create_model
 from dragontrainer.optim.optimizers import create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
@@ -332,6 +333,9 @@ def fit(
     channels, size, _ = data.images.image_shape
     augment = create_augmenter(recipe.augment, data.images.image_shape, data.images.flip_safe)
     model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
+    if recipe.model.init == "lsuv":
+        first_batch, _ = next(data.train.batches(epoch=0))
+        lsuv_rescale(model, first_batch)
     groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
     lr = effective_lr(recipe.optim, recipe.train.batch_size)
     optimizer = create_optimizer(groups, recipe.optim, lr)
