@@ -132,7 +132,9 @@ class ModelSpec(Section):
     init_mode: Literal["fan_in", "fan_out"] = "fan_in"  # he / he_uniform
     init_std: float = Field(0.01, gt=0)  # normal: N(0, std²) (the reference's 0.01, 0.03 ...)
     init_value: float = 0.0  # constant
-    dropout: float = Field(0.0, ge=0, lt=1)  # before the head (and between MLP layers)
+    dropout: float = Field(0.0, ge=0, lt=1)  # inverted dropout before the head (and between MLP layers)
+    spatial_dropout: float = Field(0.0, ge=0, lt=1)  # drops whole channels after every conv block
+    dropconnect: float = Field(0.0, ge=0, lt=1)  # drops individual weights of the head (Wan et al. 2013)
     zero_init_residual: bool = True  # last norm of each residual branch starts at 0 (Goyal et al.)
 
     @field_validator("widths")
@@ -231,6 +233,22 @@ class ScheduleSpec(Section):
         return _check_registered("schedule", name)
 
 
+class RegularizeSpec(Section):
+    """Penalties in the loss and constraints after each step (weight decay is in `optim`)."""
+
+    penalty: str = "none"  # none | l1 | l2 (½λ‖w‖² in the loss) | elastic_net
+    strength: float = Field(0.0, ge=0)  # λ of the penalty
+    l1_ratio: float = Field(0.5, ge=0, le=1)  # elastic_net: λ·(r·‖w‖₁ + (1−r)·½‖w‖²)
+    max_norm: float | None = Field(None, gt=0)  # project each unit's incoming weights to ‖w‖₂ ≤ c (3–4)
+    clip_grad_norm: float | None = Field(None, gt=0)  # rescale gradients whose global norm exceeds this
+    clip_grad_value: float | None = Field(None, gt=0)  # clamp every gradient element to ±this
+
+    @field_validator("penalty")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _check_registered("penalty", name)
+
+
 class EarlyStoppingSpec(Section):
     """Stop when the monitored validation metric has not improved for `patience` epochs."""
 
@@ -246,6 +264,7 @@ class TrainSpec(Section):
     batch_size: int = Field(128, ge=1, le=1_000_000)
     eval_batch_size: int = Field(1024, ge=1, le=1_000_000)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    accumulate_steps: int = Field(1, ge=1, le=4096)  # gradient accumulation: effective batch = batch × this
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: Literal["auto", "on", "off"] = "auto"  # bfloat16 autocast; auto: on for CUDA only
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
@@ -268,6 +287,7 @@ class Recipe(Section):
     model: ModelSpec = ModelSpec()
     optim: OptimSpec = OptimSpec()
     schedule: ScheduleSpec = ScheduleSpec()
+    regularize: RegularizeSpec = RegularizeSpec()
     train: TrainSpec = TrainSpec()
     run: RunSpec = RunSpec()
 

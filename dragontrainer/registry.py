@@ -78,6 +78,7 @@ def all_components() -> dict[str, dict[str, str]]:
     import dragontrainer.nn.models
     import dragontrainer.nn.norms
     import dragontrainer.optim.optimizers
+    import dragontrainer.optim.regularizers
     import dragontrainer.optim.schedules  # noqa: F401
 
     return {kind: reg.describe() for kind, reg in sorted(ALL_REGISTRIES.items())}

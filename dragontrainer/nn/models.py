@@ -14,6 +14,7 @@ from torch import nn
 from dragontrainer.errors import RecipeError
 from dragontrainer.nn.activations import create_activation
 from dragontrainer.nn.init import init_model
+from dragontrainer.nn.layers import head_linear
 from dragontrainer.nn.norms import create_norm
 from dragontrainer.recipe import ModelSpec
 from dragontrainer.registry import Registry
@@ -49,17 +50,23 @@ MODELS: Registry[ModelFactory] = Registry("model")
 
 def conv_block(spec: ModelSpec, c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
     """conv -> norm -> activation; the conv has no bias when a norm follows (the norm's shift is one)."""
-    return nn.Sequential(
+    block = nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=spec.norm == "none"),
         create_norm(spec.norm, c_out, dims=2),
         create_activation(spec, c_out),
     )
+    if spec.spatial_dropout > 0:
+        block.append(nn.Dropout2d(spec.spatial_dropout))
+    return block
 
 
 def classifier_head(spec: ModelSpec, features: int, num_classes: int) -> nn.Sequential:
     """Global average pool -> flatten -> dropout -> linear."""
     return nn.Sequential(
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(spec.dropout), nn.Linear(features, num_classes)
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(spec.dropout),
+        head_linear(features, num_classes, spec.dropconnect),
     )
 
 
@@ -88,7 +95,7 @@ def mlp(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) ->
 
     stem = nn.Sequential(nn.Flatten(), layer(in_channels * image_size * image_size, widths[0]))
     blocks = [layer(a, b) for a, b in itertools.pairwise(widths)]
-    return Network(stem, blocks, nn.Linear(widths[-1], num_classes), convolutional=False)
+    return Network(stem, blocks, head_linear(widths[-1], num_classes, spec.dropconnect), convolutional=False)
 
 
 # ---------------------------------------------------------------------------------- lenet
@@ -114,7 +121,7 @@ def lenet(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) 
         nn.Flatten(), nn.Linear(c2 * size * size, f1), create_activation(spec, f1), nn.Dropout(spec.dropout)
     )
     dense2 = nn.Sequential(nn.Linear(f1, f2), create_activation(spec, f2), nn.Dropout(spec.dropout))
-    return Network(stem, [second, dense1, dense2], nn.Linear(f2, num_classes))
+    return Network(stem, [second, dense1, dense2], head_linear(f2, num_classes, spec.dropconnect))
 
 
 # ------------------------------------------------------------------------------------ vgg

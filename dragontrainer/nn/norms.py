@@ -30,6 +30,12 @@ def layer_norm(channels: int, dims: int) -> nn.Module:
     return nn.GroupNorm(1, channels) if dims == 2 else nn.LayerNorm(channels)
 
 
+@NORMS.register("instance")
+def instance_norm(channels: int, dims: int) -> nn.Module:
+    """Instance normalisation: per-sample, per-channel statistics (flat features: layer norm)."""
+    return nn.InstanceNorm2d(channels, affine=True) if dims == 2 else nn.LayerNorm(channels)
+
+
 @NORMS.register("none")
 def no_norm(channels: int, dims: int) -> nn.Module:
     """No normalisation."""

@@ -8,6 +8,7 @@ Cross-section numbers (classes, channels, steps) are computed here once and pass
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -30,8 +31,9 @@ from dragontrainer.nn.init import lsuv_rescale
 from dragontrainer.nn.models import count_parameters, create_model
 from dragontrainer.optim.optimizers import create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
+from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
 from dragontrainer.optim.schedules import LrFactor, create_schedule
-from dragontrainer.recipe import Recipe
+from dragontrainer.recipe import Recipe, RegularizeSpec
 from dragontrainer.run import RunDir, atomic_write_json
 from dragontrainer.train.callbacks import Callback, EarlyStopping, ReduceOnPlateau
 from dragontrainer.train.checkpoint import (
@@ -213,6 +215,14 @@ class Loop:
     data: PreparedData
     amp: torch.dtype | None
     callbacks: Sequence[Callback]
+    regularize: RegularizeSpec
+    accumulate_steps: int
+
+    def __post_init__(self) -> None:
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.weights = [p for p in self.parameters if p.ndim >= 2]  # conv kernels and linear weights
+        self.penalty = create_penalty(self.regularize)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def checkpoint_state(self, state: TrainState, meter: EpochMeter) -> dict[str, Any]:
         return {
@@ -239,22 +249,34 @@ class Loop:
         self.run.keep_metrics_through(state.epoch)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, meter: EpochMeter) -> None:
-        state.lr = self.lr_factor(state.global_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * state.lr * state.lr_scale
+        """Forward and backward one micro-batch; every `accumulate_steps` of them (or at the epoch's
+        end) clip, step the optimiser with this step's learning rate, and project max-norm."""
         x = self.augment(x, self.augment_generator)
         with torch.autocast(x.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             logits = self.model(x)
         loss = self.criterion(logits.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        penalty = self.penalty(self.weights)
+        objective = loss if penalty is None else loss + penalty
+        group_start = state.step_in_epoch - state.step_in_epoch % self.accumulate_steps
+        group_size = min(self.accumulate_steps, len(self.data.train) - group_start)  # the epoch's last is short
+        (objective / group_size).backward()
         meter.update(loss, logits, y)
-        state.global_step += 1
         state.step_in_epoch += 1
+        if state.step_in_epoch % self.accumulate_steps and state.step_in_epoch < len(self.data.train):
+            return
+        state.lr = self.lr_factor(state.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * state.lr * state.lr_scale
+        clip_gradients(self.parameters, self.regularize)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.regularize.max_norm is not None:
+            project_max_norm(self.weights, self.regularize.max_norm)
+        state.global_step += 1
 
     def run_epoch(self, state: TrainState, meter: EpochMeter, progress: TrainProgress, stops: list[int]) -> None:
-        """Train one epoch (from `state.step_in_epoch`, when resumed mid-epoch), checking for stop requests."""
+        """Train one epoch (from `state.step_in_epoch`, when resumed mid-epoch), checking for stop requests
+        between optimiser steps (never with gradients half accumulated)."""
         self.model.train()
         for callback in self.callbacks:
             callback.on_epoch_start(state, {})
@@ -262,6 +284,8 @@ class Loop:
         seconds_before = meter.seconds
         for x, y in self.data.train.batches(state.epoch, start_step=state.step_in_epoch):
             self.train_step(x, y, state, meter)
+            if state.step_in_epoch % self.accumulate_steps:
+                continue
             for callback in self.callbacks:
                 callback.on_step_end(state, {})
             elapsed = seconds_before + time.perf_counter() - started
@@ -337,9 +361,10 @@ def fit(
         first_batch, _ = next(data.train.batches(epoch=0))
         lsuv_rescale(model, first_batch)
     groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
-    lr = effective_lr(recipe.optim, recipe.train.batch_size)
+    accumulate = recipe.train.accumulate_steps
+    lr = effective_lr(recipe.optim, recipe.train.batch_size * accumulate)
     optimizer = create_optimizer(groups, recipe.optim, lr)
-    steps_per_epoch = len(data.train)
+    steps_per_epoch = math.ceil(len(data.train) / accumulate)  # optimiser steps
     lr_factor = create_schedule(
         recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * recipe.train.epochs
     )
@@ -350,7 +375,8 @@ def fit(
     loop = Loop(
         run, model, optimizer, lr_factor, criterion, augment,
         torch.Generator(device).manual_seed(recipe.seed + 1), data,
-        autocast_dtype(recipe.train.amp, device), [stopper, *callbacks],
+        autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
+        recipe.train.accumulate_steps,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
     if resume:
