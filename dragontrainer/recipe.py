@@ -71,7 +71,9 @@ class DataSpec(Section):
 class PreprocessSpec(Section):
     """Input preprocessing, fitted on the training split only and saved with the run."""
 
-    name: str = "standardize"  # per-channel mean/std
+    name: str = "standardize"  # per-channel mean/std; see `dragon components` for the others
+    eps: float = Field(1e-5, gt=0)  # pca_whiten / zca_whiten: Xrot / √(S + eps), the reference's 1e-5
+    max_features: int = Field(4096, ge=1)  # whitening: refuse C·H·W above this (covariance is D×D)
 
     @field_validator("name")
     @classmethod
