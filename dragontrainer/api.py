@@ -18,6 +18,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
+from dragontrainer.data.augment import flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import convert_color, decode_image, load_images
@@ -128,7 +129,9 @@ def evaluate_run(
     if data is None:
         prepared = prepare_data(loaded.recipe, loaded.device)
         loader, split = (prepared.test, "test") if prepared.test is not None else (prepared.val, "val")
-        metrics = evaluate(loaded.model, loader, criterion)
+        metrics = evaluate(
+            loaded.model, loader, criterion, loaded.preprocessor, tta_flip=loaded.recipe.augment.tta_flip
+        )
         return {"run_dir": str(loaded.run.path), "data": split, "images": loader.num_images, **metrics}
     path = Path(data)
     channels, size, _ = loaded.image_shape
@@ -139,11 +142,10 @@ def evaluate_run(
     images = load_images(spec)
     if images.y.max() >= len(loaded.classes):
         raise DataError(f"{path}: label {int(images.y.max())} but the run was trained on {len(loaded.classes)} classes")
-    x = loaded.preprocessor.apply(torch.from_numpy(images.x).to(loaded.device))
-    loader = DeviceLoader(
-        x, torch.from_numpy(images.y).to(loaded.device), loaded.recipe.train.eval_batch_size, shuffle=False
-    )
-    metrics = evaluate(loaded.model, loader, criterion)
+    x = torch.from_numpy(images.x).to(loaded.device)
+    y = torch.from_numpy(images.y).to(loaded.device)
+    loader = DeviceLoader(x, y, loaded.recipe.train.eval_batch_size, shuffle=False)
+    metrics = evaluate(loaded.model, loader, criterion, loaded.preprocessor, tta_flip=loaded.recipe.augment.tta_flip)
     return {"run_dir": str(loaded.run.path), "data": str(path), "images": len(images.y), **metrics}
 
 
@@ -170,7 +172,9 @@ def predict(run_dir: str | Path, files: Sequence[str | Path], *, top_k: int = 3)
     x = torch.from_numpy(np.ascontiguousarray(convert_color(rgb, "gray" if channels == 1 else "rgb")))
     x = x.to(loaded.device)
     with torch.inference_mode():
-        probabilities = torch.softmax(loaded.model(loaded.preprocessor.apply(x)).float(), dim=1).cpu()
+        inputs = loaded.preprocessor.apply(x)
+        logits = flip_averaged_logits(loaded.model, inputs) if loaded.recipe.augment.tta_flip else loaded.model(inputs)
+        probabilities = torch.softmax(logits.float(), dim=1).cpu()
     k = min(top_k, len(loaded.classes))
     predictions = []
     for file, row in zip(files, probabilities, strict=True):

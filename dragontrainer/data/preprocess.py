@@ -21,9 +21,11 @@ class Preprocessor:
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
         self.state: dict[str, torch.Tensor] = {}
+        self._device_state: tuple[torch.device, dict[str, torch.Tensor]] | None = None  # state on x's device
 
     def fit(self, x: torch.Tensor) -> Preprocessor:
         self.state = {k: v.float() for k, v in self.compute(x.double().div(255.0)).items()}
+        self._device_state = None
         return self
 
     def compute(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -31,8 +33,14 @@ class Preprocessor:
         return {}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        state = {k: v.to(x.device) for k, v in self.state.items()}
-        return self.transform(x.float().div(255.0), state)
+        """uint8 images -> network inputs."""
+        return self.normalize(x.float().div(255.0))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels already in [0, 1] (e.g. augmented) -> network inputs."""
+        if self._device_state is None or self._device_state[0] != x.device:
+            self._device_state = (x.device, {k: v.to(x.device) for k, v in self.state.items()})
+        return self.transform(x, self._device_state[1])
 
     def transform(self, x: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         return x
@@ -42,6 +50,7 @@ class Preprocessor:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.state = dict(state)
+        self._device_state = None
 
 
 PREPROCESSORS: Registry[Callable[[PreprocessSpec], Preprocessor]] = Registry("preprocess")

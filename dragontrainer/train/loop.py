@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from dragontrainer.data.augment import Augmenter, create_augmenter
+from dragontrainer.data.augment import Augmenter, TrainStats, create_augmenter, flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet, load_images
@@ -147,9 +147,9 @@ def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
     preprocessor = create_preprocessor(recipe.preprocess).fit(x[split.train])
 
     def loader(index: Any, batch_size: int, shuffle: bool) -> DeviceLoader:
+        # uint8 on the device (4× smaller than float); each batch is augmented, then preprocessed
         index = torch.from_numpy(index)
-        inputs = preprocessor.apply(x[index].to(device))
-        return DeviceLoader(inputs, y[index].to(device), batch_size, shuffle=shuffle, seed=recipe.seed)
+        return DeviceLoader(x[index].to(device), y[index].to(device), batch_size, shuffle=shuffle, seed=recipe.seed)
 
     train = loader(split.train, recipe.train.batch_size, shuffle=True)
     val = loader(split.val, recipe.train.eval_batch_size, shuffle=False)
@@ -164,16 +164,25 @@ def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: DeviceLoader, criterion: nn.Module, amp: torch.dtype | None = None
+    model: nn.Module,
+    loader: DeviceLoader,
+    criterion: nn.Module,
+    preprocessor: Preprocessor,
+    *,
+    amp: torch.dtype | None = None,
+    tta_flip: bool = False,
 ) -> dict[str, float]:
-    """Mean loss and accuracy over a whole split, in eval mode (batch norm uses running statistics)."""
+    """Mean loss and accuracy over a whole split of uint8 images, in eval mode (batch norm uses
+    running statistics); with `tta_flip`, the softmax is averaged with the mirror image's."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=loader.x.device)
+    device = loader.x.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in loader.batches():
-        with torch.autocast(loader.x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x)
+        inputs = preprocessor.apply(x)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = flip_averaged_logits(model, inputs) if tta_flip else model(inputs)
         loss_sum += criterion(logits.float(), y).double() * len(y)
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
@@ -217,6 +226,7 @@ class Loop:
     callbacks: Sequence[Callback]
     regularize: RegularizeSpec
     accumulate_steps: int
+    tta_flip: bool
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -251,10 +261,11 @@ class Loop:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, meter: EpochMeter) -> None:
         """Forward and backward one micro-batch; every `accumulate_steps` of them (or at the epoch's
         end) clip, step the optimiser with this step's learning rate, and project max-norm."""
-        x = self.augment(x, self.augment_generator)
-        with torch.autocast(x.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            logits = self.model(x)
-        loss = self.criterion(logits.float(), y)
+        pixels, targets = self.augment(x.float().div_(255.0), y, self.augment_generator)
+        inputs = self.data.preprocessor.normalize(pixels)
+        with torch.autocast(inputs.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logits = self.model(inputs)
+        loss = self.criterion(logits.float(), targets)  # targets: labels, or soft targets from mixup/cutmix
         penalty = self.penalty(self.weights)
         objective = loss if penalty is None else loss + penalty
         group_start = state.step_in_epoch - state.step_in_epoch % self.accumulate_steps
@@ -299,12 +310,17 @@ class Loop:
         meter.loss()  # a device sync, so the time below is the time the work took
         meter.seconds = seconds_before + time.perf_counter() - started
 
+    def evaluate(self, loader: DeviceLoader) -> dict[str, float]:
+        return evaluate(
+            self.model, loader, self.criterion, self.data.preprocessor, amp=self.amp, tta_flip=self.tta_flip
+        )
+
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def end_epoch(self, state: TrainState, meter: EpochMeter, stopper: EarlyStopping) -> dict[str, Any]:
         """Evaluate, log both splits, let callbacks decide, write `best` and `last`."""
-        val = evaluate(self.model, self.data.val, self.criterion, self.amp)
+        val = self.evaluate(self.data.val)
         epoch = state.epoch + 1
         train_record = {
             "epoch": epoch, "split": "train", "step": state.global_step, "loss": meter.loss(),
@@ -355,11 +371,14 @@ def fit(
     atomic_write_json(run.file("data.json"), data.info())
     save_preprocessor(run, data.preprocessor)
     channels, size, _ = data.images.image_shape
-    augment = create_augmenter(recipe.augment, data.images.image_shape, data.images.flip_safe)
+    train_stats = TrainStats.fit(torch.from_numpy(data.images.x[data.split.train]))
+    augment = create_augmenter(
+        recipe.augment, data.images.image_shape, data.images.flip_safe, train_stats, data.num_classes
+    )
     model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
     if recipe.model.init == "lsuv":
         first_batch, _ = next(data.train.batches(epoch=0))
-        lsuv_rescale(model, first_batch)
+        lsuv_rescale(model, data.preprocessor.apply(first_batch))
     groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
     accumulate = recipe.train.accumulate_steps
     lr = effective_lr(recipe.optim, recipe.train.batch_size * accumulate)
@@ -376,7 +395,7 @@ def fit(
         run, model, optimizer, lr_factor, criterion, augment,
         torch.Generator(device).manual_seed(recipe.seed + 1), data,
         autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
-        recipe.train.accumulate_steps,
+        recipe.train.accumulate_steps, recipe.augment.tta_flip,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
     if resume:
@@ -413,7 +432,7 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
     test = None
     if loop.data.test is not None and checkpoint_folder(loop.run.checkpoints / "best") is not None:
         load_model_weights(loop.run.checkpoints / "best", loop.model)
-        test = evaluate(loop.model, loop.data.test, loop.criterion, loop.amp)
+        test = loop.evaluate(loop.data.test)
     result = TrainResult(
         run_dir=loop.run.path,
         epochs=state.epoch,
