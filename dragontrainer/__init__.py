@@ -1,6 +1,7 @@
 """dragontrainer: train convolutional networks the way the best practitioners do, and babysit them."""
 
 from dragontrainer.api import evaluate_run, load_run, predict, resume, train
+from dragontrainer.compare import compare
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.recipe import Recipe
 from dragontrainer.train.loop import TrainResult
@@ -12,6 +13,7 @@ __all__ = [
     "RecipeError",
     "RunError",
     "TrainResult",
+    "compare",
     "evaluate_run",
     "load_run",
     "predict",

@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="how many classes to list per image")
     p.add_argument("--json", action="store_true")
 
+    p = command("compare", cmd_compare, "the same recipe once per value: dragon compare [recipe.yaml] KEY=v1,v2 ...")
+    p.add_argument("items", nargs="+", metavar="recipe.yaml | KEY=v1,v2,... | key=value")
+    p.add_argument("--seeds", type=int, default=1, help="runs per value, with seeds seed, seed+1, ...")
+    p.add_argument("--out", help="comparison folder (default compare/<time>)")
+    p.add_argument("--target", type=float, default=0.95, help="accuracy for the 'epochs to target' column")
+    p.add_argument("--zip", action="store_true", help="pair the i-th values of every key instead of all combinations")
+    p.add_argument("--json", action="store_true", help="print summary.json's runs as one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = command("components", cmd_components, "list every registered component by kind")
     p.add_argument("--json", action="store_true")
     return parser
@@ -168,6 +177,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         for p in predictions:
             print(f"{p.file}\t{p.label}\t{p.probability:.4f}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dragontrainer.compare import compare, parse_sweeps, print_table
+    from dragontrainer.errors import RecipeError
+    from dragontrainer.recipe import Recipe
+
+    path, items = split_items(args.items)
+    if args.seeds < 1:
+        raise RecipeError(f"--seeds must be at least 1, got {args.seeds}")
+    sweeps, fixed = parse_sweeps(items)
+    base = Recipe.load(path, fixed)
+    base.with_overrides({k: v[0] for k, v in sweeps.items()})  # every swept value is checked up front
+    for key, values in sweeps.items():
+        for value in values:
+            base.with_overrides([f"{key}={value}"])
+    out, rows = compare(base, sweeps, seeds=args.seeds, out=Path(args.out) if args.out else None,
+                        target_accuracy=args.target, zip_values=args.zip, progress=not args.quiet)  # fmt: skip
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({"out": str(out), "runs": [asdict(r) for r in rows]}))
+    else:
+        print_table(rows, Console())
+        print(f"comparison folder {out} (index.html, curves.png, summary.csv)")
     return 0
 
 
