@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("components", cmd_components, "list every registered component by kind")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="the README catalogue section")
     return parser
 
 
@@ -212,6 +213,11 @@ def cmd_components(args: argparse.Namespace) -> int:
     from dragontrainer.registry import all_components
 
     components = all_components()
+    if args.markdown:
+        from dragontrainer.registry import components_markdown
+
+        print(components_markdown(), end="")
+        return 0
     if args.json:
         print(json.dumps(components, indent=2))
         return 0

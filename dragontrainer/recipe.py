@@ -402,10 +402,18 @@ class TrainSpec(Section):
     batch_size: int = Field(128, ge=1, le=1_000_000)
     eval_batch_size: int = Field(1024, ge=1, le=1_000_000)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    class_weights: Literal["none", "balanced"] | list[float] = "none"  # balanced: N / (C · count_c) on train
     accumulate_steps: int = Field(1, ge=1, le=4096)  # gradient accumulation: effective batch = batch × this
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: Literal["auto", "on", "off"] = "auto"  # bfloat16 autocast; auto: on for CUDA only
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+
+    @field_validator("class_weights")
+    @classmethod
+    def _valid_weights(cls, weights: str | list[float]) -> str | list[float]:
+        if isinstance(weights, list) and (not weights or min(weights) < 0 or max(weights) == 0):
+            raise ValueError(f"must be 'none', 'balanced' or a list of non-negative weights, got {weights}")
+        return weights
 
 
 class RunSpec(Section):

@@ -65,7 +65,9 @@ class Registry(Generic[F]):
 
 
 def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0].strip() if (doc or "").strip() else ""
+    """The docstring's first paragraph, on one line."""
+    paragraph = (doc or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in paragraph.splitlines())
 
 
 def all_components() -> dict[str, dict[str, str]]:
@@ -82,3 +84,28 @@ def all_components() -> dict[str, dict[str, str]]:
     import dragontrainer.optim.schedules  # noqa: F401
 
     return {kind: reg.describe() for kind, reg in sorted(ALL_REGISTRIES.items())}
+
+
+RECIPE_KEYS = {
+    "data source": "data.source",
+    "preprocess": "preprocess.name",
+    "augmentation": "augment.<name>.p",
+    "model": "model.name",
+    "activation": "model.activation",
+    "norm": "model.norm",
+    "init": "model.init",
+    "optimizer": "optim.name",
+    "schedule": "schedule.name",
+    "penalty": "regularize.penalty",
+}
+
+
+def components_markdown() -> str:
+    """The README's catalogue section, generated from the registries (a test keeps them equal)."""
+    lines = []
+    for kind, entries in all_components().items():
+        key = RECIPE_KEYS.get(kind, kind)
+        lines += [f"**{kind}** (`{key}`)", "", "| name | what it does |", "|---|---|"]
+        lines += [f"| `{name}` | {description.replace('|', '/')} |" for name, description in entries.items()]
+        lines.append("")
+    return "\n".join(lines)

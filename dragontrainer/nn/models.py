@@ -15,7 +15,7 @@ from dragontrainer.errors import RecipeError
 from dragontrainer.nn.activations import create_activation
 from dragontrainer.nn.init import init_model
 from dragontrainer.nn.layers import head_linear
-from dragontrainer.nn.norms import create_norm
+from dragontrainer.nn.norms import apply_weight_norm, create_norm
 from dragontrainer.recipe import ModelSpec
 from dragontrainer.registry import Registry
 
@@ -44,6 +44,8 @@ class Network(nn.Module):
         return named
 
 
+NORMS_WITHOUT_SHIFT = ("none", "weight")  # layers followed by these keep their bias
+
 ModelFactory = Callable[[ModelSpec, int, int, int], Network]
 MODELS: Registry[ModelFactory] = Registry("model")
 
@@ -51,7 +53,7 @@ MODELS: Registry[ModelFactory] = Registry("model")
 def conv_block(spec: ModelSpec, c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
     """conv -> norm -> activation; the conv has no bias when a norm follows (the norm's shift is one)."""
     block = nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=spec.norm == "none"),
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=spec.norm in NORMS_WITHOUT_SHIFT),
         create_norm(spec.norm, c_out, dims=2),
         create_activation(spec, c_out),
     )
@@ -87,7 +89,7 @@ def mlp(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) ->
 
     def layer(n_in: int, n_out: int) -> nn.Sequential:
         return nn.Sequential(
-            nn.Linear(n_in, n_out, bias=spec.norm == "none"),
+            nn.Linear(n_in, n_out, bias=spec.norm in NORMS_WITHOUT_SHIFT),
             create_norm(spec.norm, n_out, dims=1),
             create_activation(spec, n_out),
             nn.Dropout(spec.dropout),
@@ -157,13 +159,13 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.branch = nn.Sequential(
             conv_block(spec, c_in, c_out, stride=stride),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=spec.norm == "none"),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=spec.norm in NORMS_WITHOUT_SHIFT),
             create_norm(spec.norm, c_out, dims=2),
         )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=spec.norm == "none"),
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=spec.norm in NORMS_WITHOUT_SHIFT),
                 create_norm(spec.norm, c_out, dims=2),
             )
         self.activation = create_activation(spec, c_out)
@@ -202,6 +204,8 @@ def create_model(spec: ModelSpec, *, in_channels: int, num_classes: int, image_s
     """Build the zoo entry, then initialise it as the recipe says (the global torch RNG is used)."""
     model = MODELS.get(spec.name)(spec, in_channels, num_classes, image_size)
     init_model(model, spec)  # before the memory-format change: some initialisers view weights as 2-D
+    if spec.norm == "weight":
+        apply_weight_norm(model)  # after init: g starts at ‖v‖, so the function is unchanged
     if spec.zero_init_residual:
         for module in model.modules():
             if isinstance(module, BasicBlock):

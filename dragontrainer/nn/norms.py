@@ -36,6 +36,12 @@ def instance_norm(channels: int, dims: int) -> nn.Module:
     return nn.InstanceNorm2d(channels, affine=True) if dims == 2 else nn.LayerNorm(channels)
 
 
+@NORMS.register("weight")
+def weight_norm(channels: int, dims: int) -> nn.Module:
+    """Weight normalisation (Salimans & Kingma 2016): w = g·v/‖v‖ on every conv/linear, no norm layer."""
+    return nn.Identity()  # the reparameterisation is applied to the layers by `apply_weight_norm`
+
+
 @NORMS.register("none")
 def no_norm(channels: int, dims: int) -> nn.Module:
     """No normalisation."""
@@ -44,3 +50,10 @@ def no_norm(channels: int, dims: int) -> nn.Module:
 
 def create_norm(name: str, channels: int, dims: int = 2) -> nn.Module:
     return NORMS.get(name)(channels, dims)
+
+
+def apply_weight_norm(model: nn.Module) -> None:
+    """Reparameterise every conv and linear weight as g·v/‖v‖ (one g per output unit)."""
+    for module in list(model.modules()):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.utils.parametrizations.weight_norm(module)

@@ -20,15 +20,17 @@ class GroupSummary:
 
 
 def build_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict[str, Any]], list[GroupSummary]]:
-    """Two groups: `decay` (ndim >= 2: conv kernels, linear weights) and `no_decay` (biases, norm scales).
+    """Two groups: `decay` (conv kernels, linear weights) and `no_decay` (biases, norm scales, the
+    per-unit gains of weight normalisation).
 
-    Chosen by shape, never by name: decaying a norm's scale or a bias only fights the normalisation.
-    Frozen parameters (requires_grad=False) are left out.
+    Chosen by shape, never by name: a tensor decays when it has more than one value per output unit
+    (ndim >= 2 and a row of more than one element). Decaying a norm's scale or a bias only fights the
+    normalisation. Frozen parameters (requires_grad=False) are left out.
     """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if param.ndim >= 2 and param[0].numel() > 1 else no_decay).append(param)
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},

@@ -387,7 +387,10 @@ def fit(
     lr_factor = create_schedule(
         recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * recipe.train.epochs
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
+    weights = class_weights(recipe.train.class_weights, data.images.y[data.split.train], data.num_classes)
+    criterion = nn.CrossEntropyLoss(
+        weight=None if weights is None else weights.to(device), label_smoothing=recipe.train.label_smoothing
+    )
     stopper = EarlyStopping(recipe.train.early_stopping)
     if recipe.schedule.name == "plateau":
         callbacks = [ReduceOnPlateau(recipe.schedule), *callbacks]
@@ -452,6 +455,19 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
     )
     atomic_write_json(loop.run.file("result.json"), result.summary())
     return result
+
+
+def class_weights(choice: str | list[float], train_labels: Any, num_classes: int) -> torch.Tensor | None:
+    """Loss weight per class: `balanced` gives N / (C · count_c) from the training split (King & Zeng),
+    so every class carries the same total weight; a list is taken as given (one value per class)."""
+    if choice == "none":
+        return None
+    if isinstance(choice, list):
+        if len(choice) != num_classes:
+            raise RecipeError(f"recipe field train.class_weights: {len(choice)} weights for {num_classes} classes")
+        return torch.tensor(choice, dtype=torch.float32)
+    counts = torch.bincount(torch.as_tensor(train_labels), minlength=num_classes).float()
+    return torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp_min(1)), 0.0)
 
 
 def save_preprocessor(run: RunDir, preprocessor: Preprocessor) -> None:

@@ -53,3 +53,23 @@ def test_zero_init_residual_makes_blocks_start_as_identity() -> None:
     x = torch.relu(torch.randn(2, 8, 8, 8))
     model.eval()
     torch.testing.assert_close(block(x), x)
+
+
+def test_weight_norm_keeps_the_function_at_init_and_adds_undecayed_gains() -> None:
+    from dragontrainer.optim.param_groups import build_param_groups
+
+    torch.manual_seed(0)
+    plain = create_model(
+        ModelSpec(name="vgg", widths=[8, 16], depth=1, norm="none"), in_channels=3, num_classes=4, image_size=8
+    )
+    torch.manual_seed(0)
+    normed = create_model(
+        ModelSpec(name="vgg", widths=[8, 16], depth=1, norm="weight"), in_channels=3, num_classes=4, image_size=8
+    )
+    x = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(normed(x), plain(x), atol=1e-5, rtol=1e-4)
+    gains = [p for n, p in normed.named_parameters() if n.endswith("original0")]
+    assert len(gains) == 3  # stem conv, the second stage's conv, the head
+    groups, _ = build_param_groups(normed, 5e-4)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert not any(id(g) in decayed for g in gains)

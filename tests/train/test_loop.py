@@ -123,3 +123,15 @@ def test_plateau_schedule_lowers_the_learning_rate_in_a_real_run(tmp_path: Path)
     lrs = [r["lr"] for r in result.history if r["split"] == "train"]
     # epoch 1 sets the best; each later epoch fails to improve and halves the lr for the next epoch
     assert lrs == pytest.approx([1e-9, 1e-9, 0.5e-9, 0.25e-9], rel=1e-6, abs=0)
+
+
+def test_balanced_class_weights_follow_the_training_counts() -> None:
+    from dragontrainer.train.loop import class_weights
+
+    weights = class_weights("balanced", torch.tensor([0, 0, 0, 1]), 3)
+    torch.testing.assert_close(weights, torch.tensor([4 / 9, 4 / 3, 0.0]))
+    assert class_weights("none", torch.tensor([0]), 2) is None
+    from dragontrainer.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="2 weights for 3 classes"):
+        class_weights([1.0, 2.0], torch.tensor([0]), 3)
