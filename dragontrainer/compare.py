@@ -249,6 +249,7 @@ def print_table(rows: list[RunRow], console: Any) -> None:
     from rich.table import Table
 
     table = Table(*HEADERS)
+    table.columns[0].overflow = "fold"  # labels wrap instead of being cut at narrow widths
     for row in table_rows(aggregate(rows)):
         table.add_row(*row)
     console.print(table)
