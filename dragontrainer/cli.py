@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line (last line of stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--deterministic", action="store_true", help="same as train.deterministic=true")
 
     p = command("resume", cmd_resume, "continue a stopped run from its last checkpoint")
     p.add_argument("run_dir", metavar="RUN")
@@ -105,10 +106,10 @@ def split_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
 def cmd_train(args: argparse.Namespace) -> int:
     from dragontrainer.api import train
     from dragontrainer.recipe import Recipe
-    from dragontrainer.train.loop import TrainingInterrupted
+    from dragontrainer.train.loop import TrainingDiverged, TrainingInterrupted
 
     path, overrides = split_items(args.items)
-    recipe = Recipe.load(path, overrides)
+    recipe = Recipe.load(path, [*overrides, *(["train.deterministic=true"] if args.deterministic else [])])
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
         return 0
@@ -117,19 +118,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"dragon: {exc}", file=sys.stderr)
         return exc.exit_code
+    except TrainingDiverged as exc:
+        print(f"dragon: {exc}", file=sys.stderr)
+        return 1
     print_result(result, as_json=args.json)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from dragontrainer.api import resume
-    from dragontrainer.train.loop import TrainingInterrupted
+    from dragontrainer.train.loop import TrainingDiverged, TrainingInterrupted
 
     try:
         result = resume(args.run_dir, progress=not args.quiet, console=Console(stderr=True, quiet=args.quiet))
     except TrainingInterrupted as exc:
         print(f"dragon: {exc}", file=sys.stderr)
         return exc.exit_code
+    except TrainingDiverged as exc:
+        print(f"dragon: {exc}", file=sys.stderr)
+        return 1
     print_result(result, as_json=args.json)
     return 0
 

@@ -406,6 +406,7 @@ class TrainSpec(Section):
     accumulate_steps: int = Field(1, ge=1, le=4096)  # gradient accumulation: effective batch = batch × this
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: Literal["auto", "on", "off"] = "auto"  # bfloat16 autocast; auto: on for CUDA only
+    deterministic: bool = False  # torch deterministic algorithms (CUDA); CPU runs repeat bitwise anyway
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
 
     @field_validator("class_weights")

@@ -161,10 +161,13 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one line and fsync: a line is either wholly there or (torn) dropped on resume."""
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with self.metrics_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise RunError(f"{self.metrics_path}: cannot append metrics ({exc.strerror})") from None
 
     def history(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)

@@ -30,7 +30,10 @@ def save_checkpoint(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]
 ) -> None:
     """Write model, optimiser and JSON state into `folder`, atomically replacing any previous one."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"{folder.parent}: cannot create the checkpoint folder ({exc.strerror})") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         _save_tensors(tmp / MODEL_FILE, model.state_dict())
@@ -48,6 +51,11 @@ def save_checkpoint(
         os.replace(tmp, folder)
         fsync_dir(folder.parent)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(
+            f"{folder}: cannot write the checkpoint ({exc.strerror or exc}); the previous checkpoint is intact"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

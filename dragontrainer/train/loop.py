@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -85,6 +86,22 @@ class TrainingInterrupted(Exception):
         super().__init__(
             f"{name}: stopped at epoch {state.epoch + 1}, step {state.global_step}; "
             f"the run is saved — continue it with: dragon resume {run_dir}"
+        )
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; the last checkpoint (the end of the previous epoch) is intact."""
+
+    def __init__(self, step: int, epoch: int, lr: float, recipe_lr: float, run_dir: Path) -> None:
+        self.step, self.epoch, self.lr = step, epoch, lr
+        last = run_dir / "checkpoints" / "last"
+        saved = (
+            f"the last good checkpoint (epoch {epoch - 1}) is in {last}" if epoch > 1 else "no checkpoint was written"
+        )
+        super().__init__(
+            f"training diverged: the loss became NaN/Inf at step {step} (epoch {epoch}) with learning rate {lr:.3g}; "
+            f"{saved}. Lower the learning rate (optim.lr={recipe_lr / 10:.3g}) or clip gradients "
+            f"(regularize.clip_grad_norm=1.0)"
         )
 
 
@@ -210,6 +227,9 @@ def stop_requests() -> Iterator[list[int]]:
 # ----------------------------------------------------------------------------------- the loop
 
 
+CHECK_EVERY = 50  # steps between divergence checks (each one a device sync)
+
+
 @dataclass
 class Loop:
     """Everything one epoch needs, built once by `fit`."""
@@ -227,12 +247,16 @@ class Loop:
     regularize: RegularizeSpec
     accumulate_steps: int
     tta_flip: bool
+    recipe_lr: float  # optim.lr as written in the recipe, for advice
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.weights = [p for p in self.parameters if p.ndim >= 2]  # conv kernels and linear weights
         self.penalty = create_penalty(self.regularize)
         self.optimizer.zero_grad(set_to_none=True)
+        # first step whose loss was not finite, kept on the device: checked every CHECK_EVERY steps
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=next(self.model.parameters()).device)
+        self.first_bad_lr = torch.zeros((), device=self.first_bad_step.device)
 
     def checkpoint_state(self, state: TrainState, meter: EpochMeter) -> dict[str, Any]:
         return {
@@ -272,6 +296,7 @@ class Loop:
         group_size = min(self.accumulate_steps, len(self.data.train) - group_start)  # the epoch's last is short
         (objective / group_size).backward()
         meter.update(loss, logits, y)
+        self.watch_for_divergence(loss, state)
         state.step_in_epoch += 1
         if state.step_in_epoch % self.accumulate_steps and state.step_in_epoch < len(self.data.train):
             return
@@ -284,6 +309,17 @@ class Loop:
         if self.regularize.max_norm is not None:
             project_max_norm(self.weights, self.regularize.max_norm)
         state.global_step += 1
+
+    def watch_for_divergence(self, loss: torch.Tensor, state: TrainState) -> None:
+        """Record the first non-finite loss without a host sync (torch.where on device tensors)."""
+        first = (self.first_bad_step < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(first, state.global_step, self.first_bad_step)
+        self.first_bad_lr = torch.where(first, self.current_lr(), self.first_bad_lr)
+
+    def raise_if_diverged(self, state: TrainState) -> None:
+        step = int(self.first_bad_step)  # a device sync: called every CHECK_EVERY steps and per epoch
+        if step >= 0:
+            raise TrainingDiverged(step, state.epoch + 1, float(self.first_bad_lr), self.recipe_lr, self.run.path)
 
     def run_epoch(self, state: TrainState, meter: EpochMeter, progress: TrainProgress, stops: list[int]) -> None:
         """Train one epoch (from `state.step_in_epoch`, when resumed mid-epoch), checking for stop requests
@@ -303,12 +339,15 @@ class Loop:
             progress.step(
                 global_step=state.global_step, epoch=state.epoch + 1, lr=self.current_lr(), meter=meter, elapsed=elapsed
             )
+            if state.global_step % CHECK_EVERY == 0:
+                self.raise_if_diverged(state)
             if stops:
                 meter.seconds = elapsed
                 self.save_last(state, meter)
                 raise TrainingInterrupted(stops[0], self.run.path, state)
         meter.loss()  # a device sync, so the time below is the time the work took
         meter.seconds = seconds_before + time.perf_counter() - started
+        self.raise_if_diverged(state)  # before evaluation and checkpoints: `last` stays the good one
 
     def evaluate(self, loader: DeviceLoader) -> dict[str, float]:
         return evaluate(
@@ -364,8 +403,7 @@ def fit(
     console = console or Console(stderr=True, quiet=not progress)
     started = time.perf_counter()
     device = resolve_device(recipe.train.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    configure_determinism(recipe.train.deterministic, device)
     seed_everything(recipe.seed)
     data = prepare_data(recipe, device)
     atomic_write_json(run.file("data.json"), data.info())
@@ -398,7 +436,7 @@ def fit(
         run, model, optimizer, lr_factor, criterion, augment,
         torch.Generator(device).manual_seed(recipe.seed + 1), data,
         autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
-        recipe.train.accumulate_steps, recipe.augment.tta_flip,
+        recipe.train.accumulate_steps, recipe.augment.tta_flip, recipe.optim.lr,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
     if resume:
@@ -468,6 +506,16 @@ def class_weights(choice: str | list[float], train_labels: Any, num_classes: int
         return torch.tensor(choice, dtype=torch.float32)
     counts = torch.bincount(torch.as_tensor(train_labels), minlength=num_classes).float()
     return torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp_min(1)), 0.0)
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """CPU runs are reproducible as they are; on CUDA, `deterministic` trades speed for bitwise repeats."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fastest kernels for fixed shapes, not bitwise repeatable
 
 
 def save_preprocessor(run: RunDir, preprocessor: Preprocessor) -> None:

@@ -135,3 +135,44 @@ def test_balanced_class_weights_follow_the_training_counts() -> None:
 
     with pytest.raises(RecipeError, match="2 weights for 3 classes"):
         class_weights([1.0, 2.0], torch.tensor([0]), 3)
+
+
+def test_divergence_stops_at_once_naming_the_step_and_learning_rate(tmp_path: Path) -> None:
+    from dragontrainer.train.loop import TrainingDiverged
+
+    overrides = ["model.name=mlp", "model.norm=none", "optim.lr=100", "train.epochs=3", "schedule.warmup_epochs=0",
+                 f"run.dir={tmp_path / 'r'}"]  # fmt: skip
+    with pytest.raises(
+        TrainingDiverged, match=r"NaN/Inf at step \d+ \(epoch 1\) with learning rate .*optim.lr=10"
+    ) as e:
+        train(Recipe.load(overrides=overrides))
+    assert e.value.epoch == 1 and "no checkpoint was written" in str(e.value)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_a_failing_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from dragontrainer.errors import RunError
+    from dragontrainer.train import checkpoint
+
+    real_save = checkpoint.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # epoch 1: last model, last optimizer, best model; then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    run_dir = tmp_path / "r"
+    with pytest.raises(RunError, match="cannot write the checkpoint \\(No space left on device\\); the previous"):
+        train(Recipe.load(overrides=[*TINY, f"run.dir={run_dir}"]))
+    state = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())
+    assert state["train"]["epoch"] == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "last"]  # no temporary folders
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    assert resume(run_dir).epochs == 3
