@@ -7,13 +7,14 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dragontrainer.errors import DragonError
+from dragontrainer.errors import DragonError, RecipeError
 
 USAGE_ERROR = 2
 
@@ -99,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 def split_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
     """The first item is a recipe file unless it looks like key=value."""
     if items and "=" not in items[0]:
-        return items[0], list(items[1:])
+        first = items[0]
+        if not Path(first).exists() and not first.endswith((".yaml", ".yml")):
+            raise RecipeError(f"{first}: neither a recipe file nor a dotted.key=value override (e.g. {first}=...)")
+        return first, list(items[1:])
     return None, list(items)
 
 
@@ -189,10 +193,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from dragontrainer.compare import compare, parse_sweeps, print_table
-    from dragontrainer.errors import RecipeError
     from dragontrainer.recipe import Recipe
 
     path, items = split_items(args.items)

@@ -146,6 +146,9 @@ def npz(spec: DataSpec) -> ImageSet:
     """A NumPy .npz with `x` (N×H×W or N×H×W×C, uint8 or float) and `y` (N ints); optional `classes`."""
     path = spec.path
     assert path is not None
+    with path.open("rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":  # an .npz is a zip archive of .npy files
+            raise DataError(f"{path}: not a readable .npz file (expected a zip archive written by numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
