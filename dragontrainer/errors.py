@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class DragonError(Exception):
-    """Any problem the user can fix: bad recipe, bad data, missing run folder."""
+    """Any problem the user can fix: bad recipe, bad data, missing run folder.
+
+    The message is always one line (texts quoted from libraries may carry newlines).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 class RecipeError(DragonError):

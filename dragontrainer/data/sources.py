@@ -10,6 +10,7 @@ import gzip
 import io
 import pickle
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -156,8 +157,8 @@ def npz(spec: DataSpec) -> ImageSet:
         if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
             raise DataError(f"{path}: holds object arrays, which are refused (no pickle is ever loaded)") from None
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    except (OSError, EOFError, KeyError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     for key in ("x", "y"):
         if key not in arrays:
             raise DataError(f"{path}: missing array {key!r} (found: {', '.join(sorted(arrays)) or 'none'})")
@@ -338,7 +339,7 @@ def restricted_load(path: Path) -> Any:
             return RestrictedUnpickler(handle, encoding="bytes").load()
     except pickle.UnpicklingError as exc:
         raise DataError(f"{path}: {exc}; only plain containers and numpy arrays are allowed") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError) as exc:
+    except Exception as exc:  # any failure decoding untrusted bytes (EOF, overflow, memory, ...) = unreadable
         raise DataError(f"{path}: not a readable CIFAR python batch ({type(exc).__name__})") from None
 
 
