@@ -47,6 +47,9 @@ def wait_for_progress(process: subprocess.Popen[bytes], run_dir: Path, timeout: 
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     reference = train(Recipe.load(overrides=[*RECIPE, f"run.dir={tmp_path / 'reference'}"]))
+    # kills come a random fraction of an epoch after progress, so each cycle advances at most ~2 epochs
+    # whatever the machine's speed (a fixed delay in seconds spans many epochs on a fast machine)
+    epoch_seconds = reference.seconds / EPOCHS
     run_dir = tmp_path / "killed"
     rng = random.Random(1234)
     kills, kills_while_training = 0, 0
@@ -56,7 +59,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path: Path) 
             time.sleep(rng.uniform(0.1, 2.5))
         else:
             wait_for_progress(process, run_dir)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 1.0) * epoch_seconds)
         if process.poll() is not None:
             break  # finished before the kill: nothing to kill
         process.send_signal(signal.SIGKILL)
