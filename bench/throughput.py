@@ -3,7 +3,8 @@
 Both train the same model (the default recipe's) on the same in-memory data with the same work per
 step: flip + padded crop, label-smoothed cross-entropy, SGD with Nesterov momentum and weight decay,
 a per-step learning rate. Only the training phase is timed on both sides (evaluation excluded), and
-the first epoch is dropped as warm-up; the rate is the median over the remaining epochs.
+the first epoch is dropped as warm-up. The two sides alternate `--repeats` times (machine noise hits
+both alike) and each side's rate is the median over all its timed epochs.
 
     python bench/throughput.py --data digits
     python bench/throughput.py --data cifar-shape          # 3×32×32, batch 128, synthetic pixels
@@ -40,13 +41,12 @@ def make_data(kind: str, images: int, folder: Path) -> list[str]:
     return ["data.source=npz", f"data.path={folder / 'cifar_shape.npz'}"]
 
 
-def dragontrainer_rate(recipe: Recipe) -> float:
+def dragontrainer_rates(recipe: Recipe) -> list[float]:
     result = train(recipe)
-    rates = [r["images_per_second"] for r in result.history if r["split"] == "train"][1:]
-    return statistics.median(rates)
+    return [r["images_per_second"] for r in result.history if r["split"] == "train"][1:]
 
 
-def minimal_rate(recipe: Recipe, device: torch.device) -> float:
+def minimal_rates(recipe: Recipe, device: torch.device) -> list[float]:
     """What a careful person writes by hand: device tensors, sliced batches, no DataLoader."""
     torch.manual_seed(recipe.seed)
     data = load_images(recipe.data)
@@ -97,7 +97,7 @@ def minimal_rate(recipe: Recipe, device: torch.device) -> float:
             schedule.step()
         loss.item()  # sync
         rates.append(steps * batch / (time.perf_counter() - start))
-    return statistics.median(rates[1:])
+    return rates[1:]
 
 
 def main() -> None:
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2560, help="cifar-shape: number of synthetic images")
     parser.add_argument("--epochs", type=int, default=0, help="0: 8 for digits, 3 for cifar-shape")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3, help="alternations of the two loops")
     args = parser.parse_args()
     epochs = args.epochs or (8 if args.data == "digits" else 3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,17 +116,23 @@ def main() -> None:
             f"train.epochs={epochs}",
             f"train.device={args.device}",
             "train.early_stopping.patience=null",
-            f"run.dir={folder / 'run'}",
         ]
         recipe = Recipe.load(overrides=overrides)
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
         if args.device != "auto":
             device = torch.device(args.device)
-        ours = dragontrainer_rate(recipe)
-        theirs = minimal_rate(recipe, device)
-    print(f"data={args.data} device={device} model={recipe.model.name} batch={recipe.train.batch_size} epochs={epochs}")
-    print(f"dragontrainer images/s = {ours:,.0f}")
-    print(f"minimal loop  images/s = {theirs:,.0f}")
+        ours_all: list[float] = []
+        theirs_all: list[float] = []
+        for repeat in range(args.repeats):
+            ours_all += dragontrainer_rates(recipe.with_overrides({"run.dir": str(folder / f"run{repeat}")}))
+            theirs_all += minimal_rates(recipe, device)
+    ours, theirs = statistics.median(ours_all), statistics.median(theirs_all)
+    print(
+        f"data={args.data} device={device} model={recipe.model.name} batch={recipe.train.batch_size} "
+        f"epochs={epochs} repeats={args.repeats} (n={len(ours_all)} timed epochs per side)"
+    )
+    print(f"dragontrainer images/s = {ours:,.0f} (median; min {min(ours_all):,.0f}, max {max(ours_all):,.0f})")
+    print(f"minimal loop  images/s = {theirs:,.0f} (median; min {min(theirs_all):,.0f}, max {max(theirs_all):,.0f})")
     print(f"ratio={ours / theirs:.3f}")
 
 
