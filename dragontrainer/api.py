@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +89,6 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
     info_path = run.file("data.json")
     if not info_path.is_file():
         raise RunError(f"{run.path}: the run never started training (no data.json)")
-    import json
-
     info = json.loads(info_path.read_text(encoding="utf-8"))
     folder = next((f for f in (run.checkpoints / "best", run.checkpoints / "last") if checkpoint_folder(f)), None)
     if folder is None:
