@@ -80,6 +80,12 @@ class LoadedRun:
     classes: list[str]
     image_shape: tuple[int, int, int]
     device: torch.device
+    class_weights: list[float] | None = None
+
+    def criterion(self) -> nn.Module:
+        """The training loss, class weights and label smoothing included, so eval losses compare."""
+        weight = None if self.class_weights is None else torch.tensor(self.class_weights, device=self.device)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.recipe.train.label_smoothing)
 
 
 def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
@@ -101,7 +107,10 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
     model.eval()
     preprocessor = create_preprocessor(recipe.preprocess)
     preprocessor.load_state_dict(load_file(str(run.file("preprocess.safetensors"))))
-    return LoadedRun(run, recipe, model, preprocessor, info["classes"], tuple(info["image_shape"]), torch_device)
+    return LoadedRun(
+        run, recipe, model, preprocessor, info["classes"], tuple(info["image_shape"]), torch_device,
+        info.get("class_weights"),
+    )  # fmt: skip
 
 
 def guess_source(path: Path) -> str:
@@ -124,7 +133,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Score the run's best weights: on its own test split (else validation split), or on other data."""
     loaded = load_run(run_dir)
-    criterion = nn.CrossEntropyLoss(label_smoothing=loaded.recipe.train.label_smoothing)
+    criterion = loaded.criterion()
     if data is None:
         prepared = prepare_data(loaded.recipe, loaded.device)
         loader, split = (prepared.test, "test") if prepared.test is not None else (prepared.val, "val")

@@ -155,3 +155,17 @@ def test_bad_data_leaves_no_run_folder_behind(capsys: pytest.CaptureFixture[str]
     code, _, _ = run_cli(capsys, "train", "data.source=npz", f"data.path={tmp_path / 'x.npz'}", "--quiet")
     assert code == 2
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_eval_reproduces_the_validation_loss_with_class_weights(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", *TINY, "train.class_weights=balanced", "train.early_stopping.patience=null",
+                           f"run.dir={run_dir}", "--json", "--quiet")  # fmt: skip
+    assert code == 0
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best_epoch = json.loads(out.splitlines()[-1])["best_epoch"]
+    best_val = next(r for r in history if r["split"] == "val" and r["epoch"] == best_epoch)
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--json")
+    assert code == 0 and json.loads(out)["loss"] == pytest.approx(best_val["loss"], rel=1e-5)

@@ -406,7 +406,6 @@ def fit(
     configure_determinism(recipe.train.deterministic, device)
     seed_everything(recipe.seed)
     data = prepare_data(recipe, device)
-    atomic_write_json(run.file("data.json"), data.info())
     save_preprocessor(run, data.preprocessor)
     channels, size, _ = data.images.image_shape
     train_stats = TrainStats.fit(torch.from_numpy(data.images.x[data.split.train]))
@@ -426,6 +425,10 @@ def fit(
         recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * recipe.train.epochs
     )
     weights = class_weights(recipe.train.class_weights, data.images.y[data.split.train], data.num_classes)
+    # data.json is what eval/predict need without reloading the data, the loss weights included
+    atomic_write_json(
+        run.file("data.json"), {**data.info(), "class_weights": None if weights is None else weights.tolist()}
+    )
     criterion = nn.CrossEntropyLoss(
         weight=None if weights is None else weights.to(device), label_smoothing=recipe.train.label_smoothing
     )
