@@ -201,9 +201,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise RecipeError(f"--seeds must be at least 1, got {args.seeds}")
     sweeps, fixed = parse_sweeps(items)
     base = Recipe.load(path, fixed)
-    for key, values in sweeps.items():  # every swept value is checked before anything trains
-        for value in values:
-            base.with_overrides([f"{key}={value}"])
     out, rows = compare(base, sweeps, seeds=args.seeds, out=Path(args.out) if args.out else None,
                         target_accuracy=args.target, zip_values=args.zip, progress=not args.quiet)  # fmt: skip
     if args.json:

@@ -14,7 +14,6 @@ import csv
 import html
 import io
 import itertools
-import json
 import re
 import statistics
 import time
@@ -114,6 +113,7 @@ def compare(
         raise RecipeError("dragon compare --zip: every KEY=v1,v2,... needs the same number of values")
     value_rows = zip(*sweeps.values(), strict=True) if zip_values else itertools.product(*sweeps.values())
     combinations = [dict(zip(sweeps, values, strict=True)) for values in value_rows]
+    # every recipe is built (so validated) before anything trains or any folder is made
     recipes = [
         (c, seed, base.with_overrides({**c, "seed": base.seed + seed})) for c in combinations for seed in range(seeds)
     ]
@@ -253,7 +253,3 @@ def print_table(rows: list[RunRow], console: Any) -> None:
     for row in table_rows(aggregate(rows)):
         table.add_row(*row)
     console.print(table)
-
-
-def summary_json(out: Path) -> dict[str, Any]:
-    return json.loads((out / "summary.json").read_text(encoding="utf-8"))

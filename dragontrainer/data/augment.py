@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -66,11 +67,16 @@ class Augmentation:
 
 @dataclass
 class Context:
-    """What an op may know when built: image shape, whether mirroring is safe, training statistics."""
+    """What an op may know: image shape, whether mirroring is safe, the training images (uint8)."""
 
     image_shape: tuple[int, int, int]
     flip_safe: bool
-    stats: TrainStats
+    train_images: torch.Tensor
+
+    @cached_property
+    def stats(self) -> TrainStats:
+        """Fitted on first use only: a pass over the whole training set that most recipes never need."""
+        return TrainStats.fit(self.train_images)
 
 
 AUGMENTATIONS: Registry[Callable[[Any, Context], Any]] = Registry("augmentation")
@@ -309,16 +315,17 @@ class FancyPca(Augmentation):
 
     def __init__(self, spec: Any, context: Context) -> None:
         self.p, self.std = spec.p, spec.std
-        self.eigenvalues, self.eigenvectors = context.stats.eigenvalues, context.stats.eigenvectors
+        self.context = context
 
     def sample(self, n: int, generator: torch.Generator) -> Params:
-        channels = len(self.eigenvalues)
+        channels = self.context.image_shape[0]
         on = chosen(n, self.p, generator).float().view(n, 1)
         alpha = torch.randn(n, channels, generator=generator, device=generator.device) * self.std * on
         return {"alpha": alpha}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        vectors, values = self.eigenvectors.to(x.device), self.eigenvalues.to(x.device)
+        stats = self.context.stats
+        vectors, values = stats.eigenvectors.to(x.device), stats.eigenvalues.to(x.device)
         shift = (params["alpha"] * values) @ vectors.T  # (n, C): Σ αᵢλᵢpᵢ
         return x + shift.view(len(x), -1, 1, 1)
 
@@ -365,7 +372,7 @@ class Cutout(Augmentation):
         _, self.h, self.w = context.image_shape
         self.p = spec.p
         self.size = max(1, min(self.h, self.w) // 2) if spec.size == "auto" else int(spec.size)
-        self.fill = context.stats.mean
+        self.context = context
 
     def sample(self, n: int, generator: torch.Generator) -> Params:
         device = generator.device
@@ -376,7 +383,8 @@ class Cutout(Augmentation):
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         size = torch.full_like(params["top"], self.size)
         mask = box_masks(params["top"], params["left"], size, size, self.h, self.w) & params["on"].view(-1, 1, 1, 1)
-        return torch.where(mask, self.fill.to(x.device, x.dtype).view(1, -1, 1, 1), x)
+        fill = self.context.stats.mean.to(x.device, x.dtype).view(1, -1, 1, 1)
+        return torch.where(mask, fill, x)
 
 
 @AUGMENTATIONS.register("erasing")
@@ -496,10 +504,14 @@ class Augmenter:
 
 
 def create_augmenter(
-    spec: AugmentSpec, image_shape: tuple[int, int, int], flip_safe: bool, stats: TrainStats, num_classes: int
+    spec: AugmentSpec,
+    image_shape: tuple[int, int, int],
+    flip_safe: bool,
+    train_images: torch.Tensor,
+    num_classes: int,
 ) -> Augmenter:
     """Build every op whose section is enabled, in the order the recipe schema lists them."""
-    context = Context(image_shape, flip_safe, stats)
+    context = Context(image_shape, flip_safe, train_images)
     ops: list[Augmentation] = []
     mixers: list[Mixer] = []
     for name in (n for n in type(spec).model_fields if n in AUGMENTATIONS):

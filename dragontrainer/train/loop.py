@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from dragontrainer.data.augment import Augmenter, TrainStats, create_augmenter, flip_averaged_logits
+from dragontrainer.data.augment import Augmenter, create_augmenter, flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet, load_images
@@ -282,9 +282,10 @@ class Loop:
         restore_rng(saved["rng"], self.augment_generator)
         self.run.keep_metrics_through(state.epoch)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, meter: EpochMeter) -> None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, meter: EpochMeter) -> bool:
         """Forward and backward one micro-batch; every `accumulate_steps` of them (or at the epoch's
-        end) clip, step the optimiser with this step's learning rate, and project max-norm."""
+        end) clip, step the optimiser with this step's learning rate, and project max-norm.
+        Returns whether the optimiser stepped."""
         pixels, targets = self.augment(x.float().div_(255.0), y, self.augment_generator)
         inputs = self.data.preprocessor.normalize(pixels)
         with torch.autocast(inputs.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
@@ -299,7 +300,7 @@ class Loop:
         self.watch_for_divergence(loss, state)
         state.step_in_epoch += 1
         if state.step_in_epoch % self.accumulate_steps and state.step_in_epoch < len(self.data.train):
-            return
+            return False
         state.lr = self.lr_factor(state.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * state.lr * state.lr_scale
@@ -309,6 +310,7 @@ class Loop:
         if self.regularize.max_norm is not None:
             project_max_norm(self.weights, self.regularize.max_norm)
         state.global_step += 1
+        return True
 
     def watch_for_divergence(self, loss: torch.Tensor, state: TrainState) -> None:
         """Record the first non-finite loss without a host sync (torch.where on device tensors)."""
@@ -330,9 +332,8 @@ class Loop:
         started = time.perf_counter()
         seconds_before = meter.seconds
         for x, y in self.data.train.batches(state.epoch, start_step=state.step_in_epoch):
-            self.train_step(x, y, state, meter)
-            if state.step_in_epoch % self.accumulate_steps:
-                continue
+            if not self.train_step(x, y, state, meter):
+                continue  # gradients half accumulated: no callbacks, no stop
             for callback in self.callbacks:
                 callback.on_step_end(state, {})
             elapsed = seconds_before + time.perf_counter() - started
@@ -408,9 +409,9 @@ def fit(
     data = prepare_data(recipe, device)
     save_preprocessor(run, data.preprocessor)
     channels, size, _ = data.images.image_shape
-    train_stats = TrainStats.fit(torch.from_numpy(data.images.x[data.split.train]))
+    train_images = torch.from_numpy(data.images.x[data.split.train])
     augment = create_augmenter(
-        recipe.augment, data.images.image_shape, data.images.flip_safe, train_stats, data.num_classes
+        recipe.augment, data.images.image_shape, data.images.flip_safe, train_images, data.num_classes
     )
     model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
     if recipe.model.init == "lsuv":
@@ -439,7 +440,7 @@ def fit(
         run, model, optimizer, lr_factor, criterion, augment,
         torch.Generator(device).manual_seed(recipe.seed + 1), data,
         autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
-        recipe.train.accumulate_steps, recipe.augment.tta_flip, recipe.optim.lr,
+        accumulate, recipe.augment.tta_flip, recipe.optim.lr,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
     if resume:
@@ -515,10 +516,10 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
     """CPU runs are reproducible as they are; on CUDA, `deterministic` trades speed for bitwise repeats."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fastest kernels for fixed shapes, not bitwise repeatable
+    # set both ways: the switch is process-wide, and a previous run in this process may have turned it on
+    torch.use_deterministic_algorithms(deterministic)
+    # fastest kernels for fixed shapes, not bitwise repeatable
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
 
 
 def save_preprocessor(run: RunDir, preprocessor: Preprocessor) -> None:

@@ -27,7 +27,7 @@ def pixels(n: int = 64, c: int = 3, size: int = 8, seed: int = 0) -> torch.Tenso
 
 def context(c: int = 3, size: int = 8, flip_safe: bool = True) -> Context:
     x = (pixels(256, c, size, seed=9) * 255).to(torch.uint8)
-    return Context((c, size, size), flip_safe, TrainStats.fit(x))
+    return Context((c, size, size), flip_safe, x)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -58,7 +58,7 @@ def test_crop_is_a_shift_of_the_padded_image() -> None:
     for i in range(len(x)):
         dy, dx = int(params["dy"][i]), int(params["dx"][i])
         torch.testing.assert_close(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])
-    assert PaddedCrop(CropSpec(), Context((3, 32, 32), True, context().stats)).padding == 4
+    assert PaddedCrop(CropSpec(), Context((3, 32, 32), True, context().train_images)).padding == 4
 
 
 # every op, enabled with p=1 (and p=0.5 for the rate), on RGB 8×8 images
@@ -75,7 +75,7 @@ def test_each_op_keeps_shape_dtype_and_applies_at_its_rate(name: str) -> None:
     spec = AugmentSpec.model_validate({"hflip": {"p": 0}, "crop": {"p": 0}, name: ENABLED[name]})
     x = pixels(n=400)
     y = torch.arange(400) % 10
-    always = create_augmenter(spec, (3, 8, 8), True, context().stats, 10)
+    always = create_augmenter(spec, (3, 8, 8), True, context().train_images, 10)
     assert len(always.ops) == 1
     out, targets = always(x, y, gen())
     assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
@@ -83,7 +83,7 @@ def test_each_op_keeps_shape_dtype_and_applies_at_its_rate(name: str) -> None:
     changed = (out - x).abs().flatten(1).amax(1) > 1e-4
     assert changed.float().mean() > 0.9, name
     half = AugmentSpec.model_validate({"hflip": {"p": 0}, "crop": {"p": 0}, name: {**ENABLED[name], "p": 0.5}})
-    out, _ = create_augmenter(half, (3, 8, 8), True, context().stats, 10)(x, y, gen(3))
+    out, _ = create_augmenter(half, (3, 8, 8), True, context().train_images, 10)(x, y, gen(3))
     rate = ((out - x).abs().flatten(1).amax(1) > 1e-4).float().mean().item()
     assert rate == pytest.approx(0.5, abs=0.08), (name, rate)
 
@@ -138,19 +138,37 @@ def test_mixers_give_soft_targets_that_sum_to_one(mixer: type) -> None:
 
 
 def test_augmenter_replays_and_turns_labels_soft_only_with_mixers() -> None:
-    aug = create_augmenter(AugmentSpec(), (3, 8, 8), True, context().stats, 10)
+    aug = create_augmenter(AugmentSpec(), (3, 8, 8), True, context().train_images, 10)
     assert [type(op).__name__ for op in aug.ops] == ["HorizontalFlip", "PaddedCrop"] and not aug.soft_targets
     x, y = pixels(), torch.arange(64) % 10
     torch.testing.assert_close(aug(x, y, gen(5))[0], aug(x, y, gen(5))[0])
-    mixing = create_augmenter(AugmentSpec(mixup=MixSpec(p=1.0)), (3, 8, 8), True, context().stats, 10)
+    mixing = create_augmenter(AugmentSpec(mixup=MixSpec(p=1.0)), (3, 8, 8), True, context().train_images, 10)
     assert mixing(x, y, gen(5))[1].shape == (64, 10)
 
 
 def test_cutout_fills_with_the_training_mean() -> None:
     ctx = context()
     spec = AugmentSpec.model_validate({"hflip": {"p": 0}, "crop": {"p": 0}, "cutout": {"p": 1.0, "size": 4}})
-    out, _ = create_augmenter(spec, (3, 8, 8), True, ctx.stats, 10)(pixels(), torch.zeros(64, dtype=torch.long), gen())
+    out, _ = create_augmenter(spec, (3, 8, 8), True, ctx.train_images, 10)(
+        pixels(), torch.zeros(64, dtype=torch.long), gen()
+    )
     filled = (out == ctx.stats.mean.view(1, 3, 1, 1)).all(1)
     area = filled.flatten(1).sum(1)
     assert area.max() == 16 and area.min() >= 4  # a 4×4 square, clipped at the border
     assert math.isclose(float(ctx.stats.mean.mean()), 0.5, abs_tol=0.02)
+
+
+def test_training_statistics_are_fitted_only_when_an_op_needs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    fits = []
+    real_fit = TrainStats.fit.__func__
+    monkeypatch.setattr(TrainStats, "fit", classmethod(lambda cls, x: fits.append(1) or real_fit(cls, x)))
+    x, y = pixels(), torch.zeros(64, dtype=torch.long)
+    create_augmenter(AugmentSpec(), (3, 8, 8), True, context().train_images, 10)(x, y, gen())
+    assert fits == []  # flips and crops never need them
+    pca = create_augmenter(
+        AugmentSpec.model_validate({"fancy_pca": {"p": 1.0}}), (3, 8, 8), True, context().train_images, 10
+    )
+    assert fits == []  # still lazy after construction
+    pca(x, y, gen())
+    pca(x, y, gen())
+    assert fits == [1]  # fitted on first use, then cached

@@ -60,3 +60,22 @@ def test_reduce_on_plateau_divides_after_patience_and_respects_the_floor() -> No
         plateau.on_eval_end(state, {"val_loss": value})
         state.epoch += 1
     assert plateau.reductions == [4, 7, 9] and state.lr_scale == pytest.approx(0.2)
+
+
+def test_on_step_end_fires_once_per_optimiser_step_with_accumulation(tmp_path) -> None:
+    from dragontrainer import Recipe, train
+    from dragontrainer.train.callbacks import Callback
+
+    class Count(Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_step_end(self, state: TrainState, logs: dict) -> None:
+            self.steps.append(state.global_step)
+
+    counter = Count()
+    # 1,437 training images in batches of 64: 23 micro-batches per epoch, so the last group is short
+    overrides = ["model.name=mlp", "model.widths=[16]", "train.epochs=2", "train.batch_size=64",
+                 "train.accumulate_steps=2", "schedule.warmup_epochs=0", f"run.dir={tmp_path / 'r'}"]  # fmt: skip
+    result = train(Recipe.load(overrides=overrides), callbacks=[counter])
+    assert counter.steps == list(range(1, 25)) and result.history[-1]["step"] == 24
