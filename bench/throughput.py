@@ -10,6 +10,11 @@ both alike) and each side's rate is the median over all its timed epochs.
     python bench/throughput.py --data cifar-shape          # 3×32×32, batch 128, synthetic pixels
 
 The last line is `ratio=<dragontrainer / minimal>`.
+
+    python bench/throughput.py --data digits --monitor-overhead
+
+alternates dragontrainer with monitors on (the default) and off instead; the last line is
+`overhead=<1 - on/off>` of training images/s (wall time of whole runs is printed too).
 """
 
 from __future__ import annotations
@@ -41,9 +46,28 @@ def make_data(kind: str, images: int, folder: Path) -> list[str]:
     return ["data.source=npz", f"data.path={folder / 'cifar_shape.npz'}"]
 
 
-def dragontrainer_rates(recipe: Recipe) -> list[float]:
+def dragontrainer_rates(recipe: Recipe, seconds: list[float] | None = None) -> list[float]:
     result = train(recipe)
+    if seconds is not None:
+        seconds.append(result.seconds)
     return [r["images_per_second"] for r in result.history if r["split"] == "train"][1:]
+
+
+def monitor_overhead(recipe: Recipe, folder: Path, repeats: int) -> None:
+    """Monitors on vs off, alternating; medians of training images/s and of whole-run seconds."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for repeat in range(repeats):
+        for enabled in (True, False):
+            run = recipe.with_overrides({"monitor.enabled": enabled, "run.dir": str(folder / f"m{enabled}{repeat}")})
+            rates[enabled] += dragontrainer_rates(run, seconds[enabled])
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    wall_on, wall_off = statistics.median(seconds[True]), statistics.median(seconds[False])
+    print(f"epochs={recipe.train.epochs} repeats={repeats} (n={len(rates[True])} timed epochs per side)")
+    print(f"monitors on  images/s = {on:,.0f}; whole run {wall_on:.2f} s (medians)")
+    print(f"monitors off images/s = {off:,.0f}; whole run {wall_off:.2f} s (medians)")
+    print(f"wall-time overhead={wall_on / wall_off - 1:.3f}")
+    print(f"overhead={1 - on / off:.3f}")
 
 
 def minimal_rates(recipe: Recipe, device: torch.device) -> list[float]:
@@ -107,6 +131,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0, help="0: 8 for digits, 3 for cifar-shape")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="alternations of the two loops")
+    parser.add_argument("--monitor-overhead", action="store_true", help="monitors on vs off instead")
     args = parser.parse_args()
     epochs = args.epochs or (8 if args.data == "digits" else 3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,6 +143,9 @@ def main() -> None:
             "train.early_stopping.patience=null",
         ]
         recipe = Recipe.load(overrides=overrides)
+        if args.monitor_overhead:
+            monitor_overhead(recipe, folder, args.repeats)
+            return
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
         if args.device != "auto":
             device = torch.device(args.device)

@@ -407,6 +407,7 @@ class TrainSpec(Section):
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: Literal["auto", "on", "off"] = "auto"  # bfloat16 autocast; auto: on for CUDA only
     deterministic: bool = False  # torch deterministic algorithms (CUDA); CPU runs repeat bitwise anyway
+    shuffle: bool = True  # a new order every epoch; off only to reproduce (or diagnose) ordered data
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
 
     @field_validator("class_weights")
@@ -415,6 +416,20 @@ class TrainSpec(Section):
         if isinstance(weights, list) and (not weights or min(weights) < 0 or max(weights) == 0):
             raise ValueError(f"must be 'none', 'balanced' or a list of non-negative weights, got {weights}")
         return weights
+
+
+class MonitorSpec(Section):
+    """Babysitting: sampled layer statistics on a fixed probe batch, the NaN guard, findings and report."""
+
+    enabled: bool = True
+    every: int = Field(0, ge=0)  # optimiser steps between layer samples; 0: auto (4 per epoch, at most every 20 steps)
+    probe_size: int = Field(64, ge=2, le=4096)  # fixed training images the layer statistics are measured on
+    noise_scale: bool = True  # gradient noise scale (McCandlish et al. 2018) at every 4th sample
+    on_nan: Literal["stop", "rollback"] = "stop"  # rollback: back to `last` with the learning rate lowered
+    max_rollbacks: int = Field(3, ge=1, le=100)
+    rollback_lr_factor: float = Field(0.1, gt=0, lt=1)
+    report: bool = True  # findings.json and report.html at the end of the run
+    tensorboard: Literal["auto", "on", "off"] = "auto"  # auto: scalars for TensorBoard when it is installed
 
 
 class RunSpec(Section):
@@ -436,6 +451,7 @@ class Recipe(Section):
     schedule: ScheduleSpec = ScheduleSpec()
     regularize: RegularizeSpec = RegularizeSpec()
     train: TrainSpec = TrainSpec()
+    monitor: MonitorSpec = MonitorSpec()
     run: RunSpec = RunSpec()
 
     @model_validator(mode="after")

@@ -132,7 +132,14 @@ class RunDir:
         """
         if self.checkpoints.exists() or self.metrics_path.exists():
             return
-        for name in ("recipe.yaml", "provenance.json", "data.json", "preprocess.safetensors", ".lock"):
+        for name in (
+            "recipe.yaml",
+            "provenance.json",
+            "data.json",
+            "preprocess.safetensors",
+            "init.safetensors",
+            ".lock",
+        ):
             (self.path / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()
@@ -159,23 +166,44 @@ class RunDir:
 
     # ------------------------------------------------------------------- metrics
 
+    @property
+    def stats_path(self) -> Path:
+        return self.path / "stats.jsonl"
+
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one line and fsync: a line is either wholly there or (torn) dropped on resume."""
+        self.append_lines(self.metrics_path, [record])
+
+    def append_stats(self, records: list[dict[str, Any]]) -> None:
+        self.append_lines(self.stats_path, records)
+
+    def append_lines(self, path: Path, records: list[dict[str, Any]]) -> None:
+        """Append lines in one write and fsync: a line is either wholly there or (torn) dropped on resume."""
+        if not records:
+            return
         try:
-            with self.metrics_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write("".join(json.dumps(r) + "\n" for r in records))
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
-            raise RunError(f"{self.metrics_path}: cannot append metrics ({exc.strerror})") from None
+            raise RunError(f"{path}: cannot append ({exc.strerror})") from None
 
     def history(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.stats_path)
 
     def keep_metrics_through(self, epoch: int) -> None:
         """Drop lines of epochs after `epoch` (and any torn line): the state a checkpoint matches."""
         kept = [r for r in self.history() if r.get("epoch", 0) <= epoch]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def keep_stats_through(self, step: int) -> None:
+        """Drop monitor lines recorded after optimiser step `step` (and any torn line)."""
+        if self.stats_path.exists():
+            kept = [r for r in self.stats() if r.get("step", 0) <= step]
+            atomic_write_text(self.stats_path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def unique_path(path: Path) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from torch import nn
@@ -28,13 +29,14 @@ from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet, load_images
 from dragontrainer.data.split import Split, stratified_split
 from dragontrainer.errors import RecipeError
+from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_parameters
 from dragontrainer.nn.init import lsuv_rescale
 from dragontrainer.nn.models import count_parameters, create_model
 from dragontrainer.optim.optimizers import create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
 from dragontrainer.optim.schedules import LrFactor, create_schedule
-from dragontrainer.recipe import Recipe, RegularizeSpec
+from dragontrainer.recipe import MonitorSpec, Recipe, RegularizeSpec
 from dragontrainer.run import RunDir, atomic_write_json
 from dragontrainer.train.callbacks import Callback, EarlyStopping, ReduceOnPlateau
 from dragontrainer.train.checkpoint import (
@@ -128,6 +130,7 @@ class PreparedData:
             "num_train": len(self.split.train),
             "num_val": len(self.split.val),
             "num_test": len(self.split.test),
+            "train_class_counts": np.bincount(self.images.y[self.split.train], minlength=self.num_classes).tolist(),
         }
 
 
@@ -168,7 +171,7 @@ def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
         index = torch.from_numpy(index)
         return DeviceLoader(x[index].to(device), y[index].to(device), batch_size, shuffle=shuffle, seed=recipe.seed)
 
-    train = loader(split.train, recipe.train.batch_size, shuffle=True)
+    train = loader(split.train, recipe.train.batch_size, shuffle=recipe.train.shuffle)
     val = loader(split.val, recipe.train.eval_batch_size, shuffle=False)
     test = loader(split.test, recipe.train.eval_batch_size, shuffle=False) if len(split.test) else None
     if len(train) == 0:
@@ -188,23 +191,32 @@ def evaluate(
     *,
     amp: torch.dtype | None = None,
     tta_flip: bool = False,
-) -> dict[str, float]:
+    num_classes: int | None = None,
+) -> dict[str, Any]:
     """Mean loss and accuracy over a whole split of uint8 images, in eval mode (batch norm uses
-    running statistics); with `tta_flip`, the softmax is averaged with the mirror image's."""
+    running statistics); with `tta_flip`, the softmax is averaged with the mirror image's.
+    With `num_classes`, also the confusion matrix (`confusion[true][predicted]`)."""
     was_training = model.training
     model.eval()
     device = loader.x.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.int64, device=device)
     for x, y in loader.batches():
         inputs = preprocessor.apply(x)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = flip_averaged_logits(model, inputs) if tta_flip else model(inputs)
         loss_sum += criterion(logits.float(), y).double() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        predictions = logits.argmax(1)
+        correct += (predictions == y).sum()
+        if num_classes:
+            confusion += confusion_matrix(y, predictions, num_classes)
     model.train(was_training)
     count = max(loader.num_images, 1)
-    return {"loss": float(loss_sum) / count, "accuracy": int(correct) / count}
+    result: dict[str, Any] = {"loss": float(loss_sum) / count, "accuracy": int(correct) / count}
+    if num_classes:
+        result["confusion"] = confusion.tolist()
+    return result
 
 
 @contextlib.contextmanager
@@ -248,6 +260,9 @@ class Loop:
     accumulate_steps: int
     tta_flip: bool
     recipe_lr: float  # optim.lr as written in the recipe, for advice
+    monitor_spec: MonitorSpec
+    monitor: Monitor | None = None
+    console: Console | None = None
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -257,6 +272,7 @@ class Loop:
         # first step whose loss was not finite, kept on the device: checked every CHECK_EVERY steps
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=next(self.model.parameters()).device)
         self.first_bad_lr = torch.zeros((), device=self.first_bad_step.device)
+        self.step_loss: torch.Tensor | None = None  # the loss of the optimiser step being accumulated
 
     def checkpoint_state(self, state: TrainState, meter: EpochMeter) -> dict[str, Any]:
         return {
@@ -281,6 +297,7 @@ class Loop:
                 callback.load_state_dict(saved["callbacks"][type(callback).__name__])
         restore_rng(saved["rng"], self.augment_generator)
         self.run.keep_metrics_through(state.epoch)
+        self.run.keep_stats_through(state.global_step)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, meter: EpochMeter) -> bool:
         """Forward and backward one micro-batch; every `accumulate_steps` of them (or at the epoch's
@@ -298,25 +315,75 @@ class Loop:
         (objective / group_size).backward()
         meter.update(loss, logits, y)
         self.watch_for_divergence(loss, state)
+        if self.monitor is not None:
+            step_loss = loss.detach() / group_size
+            self.step_loss = step_loss if self.step_loss is None else self.step_loss + step_loss
         state.step_in_epoch += 1
         if state.step_in_epoch % self.accumulate_steps and state.step_in_epoch < len(self.data.train):
             return False
         state.lr = self.lr_factor(state.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * state.lr * state.lr_scale
+        sampled = self.monitor is not None and self.monitor.sampling(state.global_step)
+        if self.monitor is not None:
+            self.record_step(y, state)
+            if sampled:
+                self.monitor.before_update()
         clip_gradients(self.parameters, self.regularize)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.regularize.max_norm is not None:
             project_max_norm(self.weights, self.regularize.max_norm)
+        if sampled:
+            self.monitor.after_update(state.global_step + 1, state.epoch + 1)
         state.global_step += 1
         return True
+
+    def record_step(self, labels: torch.Tensor, state: TrainState) -> None:
+        """Per-step series for the monitor (on the device); a non-finite gradient counts as divergence."""
+        assert self.monitor is not None and self.step_loss is not None
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else self.step_loss * 0
+        self.watch_for_divergence(grad_norm, state)
+        classes = torch.bincount(labels, minlength=self.data.num_classes).count_nonzero()
+        values = torch.stack([self.step_loss, grad_norm, classes.to(grad_norm.dtype)])
+        self.monitor.record_step(state.global_step + 1, state.epoch + 1, self.current_lr(), values)
+        self.step_loss = None
+
+    def flush_monitor(self) -> None:
+        if self.monitor is not None:
+            self.run.append_stats(self.monitor.flush())
 
     def watch_for_divergence(self, loss: torch.Tensor, state: TrainState) -> None:
         """Record the first non-finite loss without a host sync (torch.where on device tensors)."""
         first = (self.first_bad_step < 0) & ~torch.isfinite(loss.detach())
         self.first_bad_step = torch.where(first, state.global_step, self.first_bad_step)
         self.first_bad_lr = torch.where(first, self.current_lr(), self.first_bad_lr)
+
+    def rollback(self, state: TrainState, meter: EpochMeter, diverged: TrainingDiverged) -> bool:
+        """`monitor.on_nan=rollback`: back to `last` with the learning rate lowered, a limited number of
+        times; recorded in stats.jsonl (the diagnosis reports it). False when the run must stop instead."""
+        spec = self.monitor_spec
+        if spec.on_nan != "rollback" or state.rollbacks >= spec.max_rollbacks:
+            return False
+        rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * spec.rollback_lr_factor
+        self.restore(state, meter)
+        state.rollbacks, state.lr_scale = rollbacks, lr_scale
+        self.first_bad_step.fill_(-1)
+        self.step_loss = None
+        if self.monitor is not None:
+            self.monitor.flush()  # measurements past the checkpoint are dropped with it
+        self.run.append_stats([{
+            "kind": "rollback", "step": state.global_step, "epoch": state.epoch, "diverged_step": diverged.step,
+            "diverged_epoch": diverged.epoch, "lr": diverged.lr, "lr_scale": lr_scale, "rollback": rollbacks,
+        }])  # fmt: skip
+        self.save_last(state, meter)
+        if self.console is not None:
+            self.console.print(
+                f"[yellow]loss became NaN/Inf at step {diverged.step} (lr {diverged.lr:.3g}): rolled back to step "
+                f"{state.global_step}, learning rate ×{lr_scale:g} ({rollbacks}/{spec.max_rollbacks})[/]"
+            )
+        return True
 
     def raise_if_diverged(self, state: TrainState) -> None:
         step = int(self.first_bad_step)  # a device sync: called every CHECK_EVERY steps and per epoch
@@ -344,23 +411,26 @@ class Loop:
                 self.raise_if_diverged(state)
             if stops:
                 meter.seconds = elapsed
+                self.flush_monitor()
                 self.save_last(state, meter)
                 raise TrainingInterrupted(stops[0], self.run.path, state)
         meter.loss()  # a device sync, so the time below is the time the work took
         meter.seconds = seconds_before + time.perf_counter() - started
         self.raise_if_diverged(state)  # before evaluation and checkpoints: `last` stays the good one
 
-    def evaluate(self, loader: DeviceLoader) -> dict[str, float]:
+    def evaluate(self, loader: DeviceLoader, *, confusion: bool = False) -> dict[str, Any]:
         return evaluate(
-            self.model, loader, self.criterion, self.data.preprocessor, amp=self.amp, tta_flip=self.tta_flip
-        )
+            self.model, loader, self.criterion, self.data.preprocessor, amp=self.amp, tta_flip=self.tta_flip,
+            num_classes=self.data.num_classes if confusion else None,
+        )  # fmt: skip
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def end_epoch(self, state: TrainState, meter: EpochMeter, stopper: EarlyStopping) -> dict[str, Any]:
         """Evaluate, log both splits, let callbacks decide, write `best` and `last`."""
-        val = self.evaluate(self.data.val)
+        val = self.evaluate(self.data.val, confusion=self.monitor is not None)
+        confusion = val.pop("confusion", None)
         epoch = state.epoch + 1
         train_record = {
             "epoch": epoch, "split": "train", "step": state.global_step, "loss": meter.loss(),
@@ -380,6 +450,9 @@ class Loop:
             save_checkpoint(self.run.checkpoints / "best", self.model, None, best_state)
         for callback in self.callbacks:
             callback.on_epoch_end(state, logs)
+        if self.monitor is not None and confusion is not None:
+            self.monitor.add_record(epoch_record(epoch, state.global_step, confusion))
+        self.flush_monitor()
         state.epoch, state.step_in_epoch = epoch, 0
         meter.reset()
         self.save_last(state, meter)
@@ -389,6 +462,51 @@ class Loop:
             "lr": train_record["lr"],
             "images_per_second": train_record["images_per_second"],
         }
+
+
+def epoch_record(epoch: int, step: int, confusion: list[list[int]]) -> dict[str, Any]:
+    """Per-class validation accuracy (None for a class absent from validation) and the confusion matrix."""
+    per_class = [row[i] / sum(row) if sum(row) else None for i, row in enumerate(confusion)]
+    return {"kind": "epoch", "step": step, "epoch": epoch, "per_class_accuracy": per_class, "confusion": confusion}
+
+
+def create_monitor(
+    recipe: Recipe, run: RunDir, model: nn.Module, data: PreparedData, criterion: nn.Module, steps_per_epoch: int,
+    *, resume: bool,
+) -> Monitor | None:  # fmt: skip
+    """The monitor with its fixed probe batch (training images spread over the split) and the initial
+    weights (saved in init.safetensors so a resumed run still measures the distance from them)."""
+    if not recipe.monitor.enabled:
+        return None
+    from safetensors.torch import load_file, save
+
+    from dragontrainer.run import atomic_write_bytes
+
+    train = data.train
+    device = train.x.device
+    count = min(recipe.monitor.probe_size, train.num_images)
+    index = torch.linspace(0, train.num_images - 1, count, device=device).long()
+    probe = data.preprocessor.apply(train.x[index])
+
+    def noise_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        picks = torch.randint(train.num_images, (max(count, 8),), generator=generator).to(device)
+        return data.preprocessor.apply(train.x[picks]), train.y[picks]
+
+    init_file = run.file("init.safetensors")
+    initial = None
+    if resume and init_file.exists():
+        initial = {k: v.to(device) for k, v in load_file(init_file).items()}
+    monitor = Monitor(
+        model, recipe.monitor, steps_per_epoch=steps_per_epoch, probe=probe, noise_batch=noise_batch,
+        criterion=criterion, initial=initial,
+    )  # fmt: skip
+    if initial is None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in watched_parameters(model).items()}
+        atomic_write_bytes(init_file, save(tensors))
+        run.keep_stats_through(0)  # a fresh run starts a fresh file
+        run.append_stats([monitor.probe_record(data.num_classes, train.y[index])])
+    return monitor
 
 
 def fit(
@@ -436,15 +554,18 @@ def fit(
     stopper = EarlyStopping(recipe.train.early_stopping)
     if recipe.schedule.name == "plateau":
         callbacks = [ReduceOnPlateau(recipe.schedule), *callbacks]
+    monitor = create_monitor(recipe, run, model, data, criterion, steps_per_epoch, resume=resume)
     loop = Loop(
         run, model, optimizer, lr_factor, criterion, augment,
         torch.Generator(device).manual_seed(recipe.seed + 1), data,
         autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
-        accumulate, recipe.augment.tta_flip, recipe.optim.lr,
+        accumulate, recipe.augment.tta_flip, recipe.optim.lr, recipe.monitor, monitor, console,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
     if resume:
         loop.restore(state, meter)
+    elif recipe.monitor.on_nan == "rollback":
+        loop.save_last(state, meter)  # something to roll back to from the first epoch
     console.print(
         f"[bold]dragon[/] {run.path}  device {device}  data {recipe.data.source}: {data.info()['num_train']} train / "
         f"{data.info()['num_val']} val / {data.info()['num_test']} test, {data.num_classes} classes, "
@@ -461,7 +582,15 @@ def fit(
         ) as bar,
     ):
         while state.epoch < recipe.train.epochs and state.stop_reason is None:
-            loop.run_epoch(state, meter, bar, stops)
+            try:
+                loop.run_epoch(state, meter, bar, stops)
+            except TrainingDiverged as diverged:
+                if loop.rollback(state, meter, diverged):
+                    continue
+                loop.flush_monitor()  # the statistics up to the divergence are the evidence
+                run.append_stats([{"kind": "diverged", "step": diverged.step, "epoch": diverged.epoch,
+                                   "lr": diverged.lr}])  # fmt: skip
+                raise
             bar.epoch_end(loop.end_epoch(state, meter, stopper), state.global_step)
     for callback in loop.callbacks:
         callback.on_fit_end(state, {})

@@ -21,6 +21,7 @@ class TrainState:
     lr: float = 0.0  # the schedule's factor at the last step
     lr_scale: float = 1.0  # reductions by reduce-on-plateau multiply the schedule
     best_epoch: int = 0
+    rollbacks: int = 0  # times a non-finite loss sent the run back to `last` (monitor.on_nan=rollback)
     stop_reason: str | None = None
 
     def request_stop(self, reason: str) -> None:
