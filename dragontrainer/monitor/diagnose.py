@@ -706,9 +706,9 @@ def noise_scale(run: RunRecords) -> Finding | None:
 # ----------------------------------------------------------------------------- entry
 
 
-def diagnose(path: str | Path, *, rules: Sequence[str] | None = None) -> list[Finding]:
-    """Every finding of the run folder at `path`, errors first."""
-    records = RunRecords.load(path)
+def diagnose(run: str | Path | RunRecords, *, rules: Sequence[str] | None = None) -> list[Finding]:
+    """Every finding of a run folder (or its loaded records), errors first."""
+    records = run if isinstance(run, RunRecords) else RunRecords.load(run)
     findings = [f for name in rules or RULES.names() if (f := RULES.get(name)(records)) is not None]
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.key))
 

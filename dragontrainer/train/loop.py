@@ -68,6 +68,7 @@ class TrainResult:
     test_loss: float | None = None
     test_accuracy: float | None = None
     stop_reason: str | None = None
+    findings: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the diagnosis, errors first
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -531,6 +532,8 @@ def fit(
     augment = create_augmenter(
         recipe.augment, data.images.image_shape, data.images.flip_safe, train_images, data.num_classes
     )
+    if recipe.monitor.report and not resume:
+        save_augmented_samples(run, data, augment, recipe.seed)
     model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
     if recipe.model.init == "lsuv":
         first_batch, _ = next(data.train.batches(epoch=0))
@@ -590,6 +593,8 @@ def fit(
                 loop.flush_monitor()  # the statistics up to the divergence are the evidence
                 run.append_stats([{"kind": "diverged", "step": diverged.step, "epoch": diverged.epoch,
                                    "lr": diverged.lr}])  # fmt: skip
+                if recipe.monitor.report:
+                    report_run(run, console)
                 raise
             bar.epoch_end(loop.end_epoch(state, meter, stopper), state.global_step)
     for callback in loop.callbacks:
@@ -625,7 +630,31 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         history=history,
     )
     atomic_write_json(loop.run.file("result.json"), result.summary())
+    if recipe.monitor.report:
+        result.findings = report_run(loop.run, loop.console or Console(stderr=True, quiet=True))
     return result
+
+
+def report_run(run: RunDir, console: Console) -> list[dict[str, Any]]:
+    """findings.json and report.html; the findings that matter are printed. A failure to draw the
+    report is reported, never raised: the trained weights and metrics are already safe."""
+    from dragontrainer.report.html import write_report
+
+    try:
+        page, findings = write_report(run.path)
+    except Exception as exc:
+        console.print(f"[yellow]the report could not be written: {type(exc).__name__}: {exc}[/]")
+        return []
+    colours = {"error": "red", "warning": "yellow", "info": "blue"}
+    for finding in findings:
+        if finding.severity != "info":
+            console.print(
+                f"[{colours[finding.severity]}]{finding.severity}[/] {finding.verdict}\n  try: {finding.advice}"
+            )
+    if not any(f.severity != "info" for f in findings):
+        console.print("[green]the dragon found no problems[/]")
+    console.print(f"report: {page}")
+    return [f.to_dict() for f in findings]
 
 
 def class_weights(choice: str | list[float], train_labels: Any, num_classes: int) -> torch.Tensor | None:
@@ -649,6 +678,21 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
     torch.use_deterministic_algorithms(deterministic)
     # fastest kernels for fixed shapes, not bitwise repeatable
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+
+
+def save_augmented_samples(run: RunDir, data: PreparedData, augment: Augmenter, seed: int, count: int = 16) -> None:
+    """A few training images as the augmentation leaves them, for the report (own generator: the
+    training RNG streams are untouched)."""
+    from safetensors.torch import save
+
+    from dragontrainer.run import atomic_write_bytes
+
+    x, y = next(data.train.batches(epoch=0))
+    x, y = x[:count], y[:count]
+    generator = torch.Generator(x.device).manual_seed(seed + 7)
+    pixels, _ = augment(x.float().div(255.0), y, generator)
+    images = pixels.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().contiguous()
+    atomic_write_bytes(run.file("augment_samples.safetensors"), save({"images": images, "labels": y.cpu()}))
 
 
 def save_preprocessor(run: RunDir, preprocessor: Preprocessor) -> None:

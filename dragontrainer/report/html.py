@@ -1,0 +1,182 @@
+"""report.html: one self-contained page (figures embedded as PNG data, no script, no network).
+
+Findings come first, ordered by severity; then the curves, the learning rate, per-layer statistics,
+first-layer filters, the confusion matrix, augmented training images and the resolved recipe.
+Every string that came from the user (class names, paths, recipe values) goes through `escape`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dragontrainer.monitor.diagnose import Finding, RunRecords, diagnose
+from dragontrainer.run import RunDir, atomic_write_json, atomic_write_text
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+.meta { color: #666; } .finding { border-left: 5px solid; padding: 0.4em 0.8em; margin: 0.6em 0; background: #fafafa; }
+.error { border-color: #c62828; } .warning { border-color: #ef6c00; } .info { border-color: #1565c0; }
+.sev { font-weight: bold; text-transform: uppercase; font-size: 0.8em; margin-right: 0.5em; }
+.key { font-family: monospace; color: #555; } .advice { margin-top: 0.3em; }
+figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
+figcaption { font-size: 0.85em; color: #555; max-width: 560px; } img { max-width: 100%; }
+table { border-collapse: collapse; } td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: left; }
+pre { background: #f5f5f5; padding: 0.8em; overflow-x: auto; } details { margin: 0.3em 0; }
+"""
+
+
+def escape(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def image_tag(data: bytes | None, alt: str, caption: str) -> str:
+    if data is None:
+        return ""
+    encoded = base64.b64encode(data).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{encoded}" alt="{escape(alt)}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
+
+
+def finding_block(finding: Finding) -> str:
+    evidence = escape(json.dumps(finding.evidence, default=str)[:2000])
+    return (
+        f'<div class="finding {finding.severity}"><span class="sev">{finding.severity}</span>'
+        f'<span class="key">{escape(finding.key)}</span><div>{escape(finding.verdict)}</div>'
+        f'<div class="advice"><b>Try:</b> {escape(finding.advice)}</div>'
+        f"<details><summary>evidence</summary><code>{evidence}</code></details></div>"
+    )
+
+
+def summary_table(run: RunRecords, result: dict[str, Any] | None) -> str:
+    rows = [("data", f"{run.recipe.data.source} {run.recipe.data.path or ''}".strip()),
+            ("classes", f"{run.num_classes}: {', '.join(map(str, run.data['classes'][:20]))}"
+             + (" …" if run.num_classes > 20 else "")),
+            ("images", f"{run.data['num_train']} train / {run.data['num_val']} val / {run.data['num_test']} test"),
+            ("model", f"{run.recipe.model.name}, {run.recipe.model.activation}, norm {run.recipe.model.norm}, "
+                      f"init {run.recipe.model.init}"),
+            ("optimiser", f"{run.recipe.optim.name} lr {run.recipe.optim.lr:g}, "
+                          f"schedule {run.recipe.schedule.name}")]  # fmt: skip
+    if run.val:
+        best = max(run.val, key=lambda r: r["accuracy"])
+        rows.append(("validation", f"final {run.val[-1]['accuracy']:.2%}, best {best['accuracy']:.2%} at epoch "
+                                   f"{best['epoch']} of {run.val[-1]['epoch']}"))  # fmt: skip
+    if result and result.get("test_accuracy") is not None:
+        rows.append(("test", f"{result['test_accuracy']:.2%} (best checkpoint)"))
+    return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows) + "</table>"
+
+
+def safe(draw: Callable[[], bytes | None]) -> bytes | None:
+    """A figure that cannot be drawn (odd shapes, missing series) is left out, never fatal."""
+    try:
+        return draw()
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def first_layer_weight(run_dir: RunDir, records: RunRecords) -> np.ndarray | None:
+    from safetensors.numpy import load_file
+
+    for folder in ("best", "last"):
+        file = run_dir.checkpoints / folder / "model.safetensors"
+        if file.exists() and records.layers:
+            tensors = load_file(file)
+            first = next(iter(records.layers[-1]["params"]))
+            for key in (f"{first}.weight", first):
+                if key in tensors:
+                    return tensors[key].astype(np.float32)
+    return None
+
+
+def augmented_samples(run_dir: RunDir, classes: list[str]) -> bytes | None:
+    file = run_dir.file("augment_samples.safetensors")
+    if not file.exists():
+        return None
+    from safetensors.numpy import load_file
+
+    from dragontrainer.report import plots
+
+    tensors = load_file(file)
+    labels = [classes[int(i)] for i in tensors["labels"]]
+    return plots.image_grid(tensors["images"], labels, "augmented training images (as the network gets them)")
+
+
+def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str:
+    from dragontrainer.report import plots
+
+    result_file = run_dir.file("result.json")
+    result = json.loads(result_file.read_text(encoding="utf-8")) if result_file.exists() else None
+    epochs = records.kind("epoch")
+    weight = first_layer_weight(run_dir, records)
+    figures = {
+        "Training": [
+            image_tag(safe(lambda: plots.curves(records)), "loss and accuracy curves",
+                      "Loss per step and per epoch; accuracy train vs validation with the gap shaded. A big gap: "
+                      "overfitting; no gap at low accuracy: underfitting."),
+            image_tag(safe(lambda: plots.learning_rate(records)), "learning rate", "Learning rate at every step."),
+        ],
+        "Inside the network": [
+            image_tag(safe(lambda: plots.layer_heatmap(records, "activations", lambda a: a["std"],
+                                                       "activation std (probe batch)", log=True)),
+                      "activation std heat map", "Activation spread per layer over time: collapsing to dark means "
+                      "vanishing signal, bright bands exploding."),
+            image_tag(safe(lambda: plots.layer_heatmap(
+                records, "params", lambda p: p["grad_norm"] / p["weight_norm"] if p["weight_norm"] else None,
+                "gradient / weight norm", log=True, cmap="magma")),
+                "gradient heat map", "Gradient size relative to the weights per layer: a dark first layer means "
+                "vanishing gradients."),
+            image_tag(safe(lambda: plots.dead_fractions(records)), "dead units",
+                      "Fraction of channels that output ≤ 0 for every probe image (dead ReLUs cannot recover)."),
+            image_tag(safe(lambda: plots.update_ratios(records)), "update ratios",
+                      "Update/weight ratio per layer; about 1e-3 is healthy (CS231n): far below, the learning rate "
+                      "is too low; far above, too high."),
+            image_tag(safe(lambda: plots.filters(weight, records.data["image_shape"])) if weight is not None else None,
+                      "first-layer filters", "First-layer filters of the best checkpoint: smooth, varied patterns "
+                      "are healthy; noise means too little training or too high a learning rate."),
+        ],
+        "Predictions and data": [
+            image_tag(safe(lambda: plots.confusion(epochs[-1]["confusion"], records.data["classes"]))
+                      if epochs else None, "confusion matrix", f"Validation, epoch {epochs[-1]['epoch']}."
+                      if epochs else ""),
+            image_tag(safe(lambda: augmented_samples(run_dir, records.data["classes"])), "augmented images",
+                      "A batch after augmentation, before preprocessing."),
+        ],
+    }  # fmt: skip
+    counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
+    headline = (
+        "No problems found." if not counts["error"] and not counts["warning"]
+        else f"{counts['error']} error(s), {counts['warning']} warning(s)."
+    )  # fmt: skip
+    sections = "".join(f"<h2>{escape(title)}</h2>" + "".join(tags) for title, tags in figures.items() if any(tags))
+    recipe_text = run_dir.recipe_path.read_text(encoding="utf-8") if run_dir.recipe_path.exists() else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>dragon report: {escape(run_dir.path.name)}</title>
+<style>{STYLE}</style></head><body>
+<h1>dragon report</h1><div class="meta">{escape(run_dir.path)}</div>
+<h2>What the dragon tells you</h2><p>{escape(headline)}</p>
+{"".join(finding_block(f) for f in findings)}
+<h2>Summary</h2>{summary_table(records, result)}
+{sections}
+<h2>Recipe</h2><pre>{escape(recipe_text)}</pre>
+</body></html>
+"""
+
+
+def write_report(path: str | Path) -> tuple[Path, list[Finding]]:
+    """Diagnose the run folder, write findings.json and report.html (atomically); return the page's path."""
+    run_dir = RunDir.open(path)
+    records = RunRecords.load(run_dir.path)
+    findings = diagnose(records)
+    atomic_write_json(run_dir.file("findings.json"), [f.to_dict() for f in findings])
+    page = run_dir.file("report.html")
+    atomic_write_text(page, render(run_dir, records, findings))
+    return page, findings
