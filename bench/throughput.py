@@ -13,8 +13,9 @@ The last line is `ratio=<dragontrainer / minimal>`.
 
     python bench/throughput.py --data digits --monitor-overhead
 
-alternates dragontrainer with monitors on (the default) and off instead; the last line is
-`overhead=<1 - on/off>` of training images/s (wall time of whole runs is printed too).
+alternates dragontrainer with monitors on (the default) and off instead (report off on both sides:
+it is drawn once at the end and timed on its own); the last line is `overhead=<1 - on/off>` of
+training images/s (wall time of whole runs is printed too).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from dragontrainer import Recipe, train
 from dragontrainer.data.sources import load_images
 from dragontrainer.nn.models import create_model
+from dragontrainer.report.html import write_report
 
 
 def make_data(kind: str, images: int, folder: Path) -> list[str]:
@@ -59,13 +61,19 @@ def monitor_overhead(recipe: Recipe, folder: Path, repeats: int) -> None:
     seconds: dict[bool, list[float]] = {True: [], False: []}
     for repeat in range(repeats):
         for enabled in (True, False):
-            run = recipe.with_overrides({"monitor.enabled": enabled, "run.dir": str(folder / f"m{enabled}{repeat}")})
+            run = recipe.with_overrides(
+                {"monitor.enabled": enabled, "monitor.report": False, "run.dir": str(folder / f"m{enabled}{repeat}")}
+            )
             rates[enabled] += dragontrainer_rates(run, seconds[enabled])
+    started = time.perf_counter()
+    write_report(folder / f"mTrue{repeats - 1}")
+    report_seconds = time.perf_counter() - started
     on, off = statistics.median(rates[True]), statistics.median(rates[False])
     wall_on, wall_off = statistics.median(seconds[True]), statistics.median(seconds[False])
     print(f"epochs={recipe.train.epochs} repeats={repeats} (n={len(rates[True])} timed epochs per side)")
     print(f"monitors on  images/s = {on:,.0f}; whole run {wall_on:.2f} s (medians)")
     print(f"monitors off images/s = {off:,.0f}; whole run {wall_off:.2f} s (medians)")
+    print(f"report.html (findings + figures) for one run: {report_seconds:.2f} s")
     print(f"wall-time overhead={wall_on / wall_off - 1:.3f}")
     print(f"overhead={1 - on / off:.3f}")
 

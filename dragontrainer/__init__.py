@@ -1,6 +1,6 @@
 """dragontrainer: train convolutional networks the way the best practitioners do, and babysit them."""
 
-from dragontrainer.api import evaluate_run, load_run, predict, resume, train
+from dragontrainer.api import doctor, evaluate_run, load_run, predict, report, resume, train
 from dragontrainer.compare import compare
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.recipe import Recipe
@@ -14,9 +14,11 @@ __all__ = [
     "RunError",
     "TrainResult",
     "compare",
+    "doctor",
     "evaluate_run",
     "load_run",
     "predict",
+    "report",
     "resume",
     "train",
 ]

@@ -59,6 +59,21 @@ def train(
         raise
 
 
+def doctor(recipe: Recipe | Mapping[str, Any] | str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """Pre-flight checks of a recipe (data, initial loss, gradient flow, overfitting one batch, lr):
+    a `DoctorReport` whose `failed` says whether training would be wasted."""
+    from dragontrainer.monitor.doctor import doctor as run_checks
+
+    return run_checks(as_recipe(recipe, overrides))
+
+
+def report(run_dir: str | Path) -> tuple[Path, list[Any]]:
+    """Diagnose a run folder (again): writes findings.json and report.html; returns the page and findings."""
+    from dragontrainer.report.html import write_report
+
+    return write_report(run_dir)
+
+
 def resume(run_dir: str | Path, *, progress: bool = False, console: Console | None = None) -> TrainResult:
     """Continue a stopped run from its `last` checkpoint; the result equals an uninterrupted run's."""
     run = RunDir.open(run_dir)

@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print summary.json's runs as one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = command("doctor", cmd_doctor, "pre-flight checks of a recipe: dragon doctor [recipe.yaml] [key=value ...]")
+    p.add_argument("items", nargs="*", metavar="recipe.yaml | key=value")
+    p.add_argument("--json", action="store_true", help="print the checks as one JSON line")
+
+    p = command("report", cmd_report, "diagnose a run folder again: findings.json and report.html")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print the findings as one JSON line")
+
     p = command("components", cmd_components, "list every registered component by kind")
     p.add_argument("--json", action="store_true")
     p.add_argument("--markdown", action="store_true", help="the README catalogue section")
@@ -189,6 +197,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         for p in predictions:
             print(f"{p.file}\t{p.label}\t{p.probability:.4f}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 1 when a check fails (warnings pass), so scripts can gate training on it."""
+    from dragontrainer.api import doctor
+
+    path, overrides = split_items(args.items)
+    report = doctor(path, overrides)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        marks = {"pass": "[green]✓ pass[/]", "warn": "[yellow]! warn[/]", "fail": "[red]✗ fail[/]"}
+        console = Console(highlight=False)
+        for check in report.checks:
+            console.print(f"{marks[check.status]}  [bold]{check.name}[/]: {check.message}", soft_wrap=True)
+        verdict = "[red]failed[/]" if report.failed else "[green]ready to train[/]"
+        console.print(f"{verdict} ({report.seconds:.1f} s)")
+    return 1 if report.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dragontrainer.api import report
+
+    page, findings = report(args.run_dir)
+    if args.json:
+        print(json.dumps([f.to_dict() for f in findings]))
+        return 0
+    console = Console(highlight=False)
+    colours = {"error": "red", "warning": "yellow", "info": "blue"}
+    for finding in findings:
+        console.print(f"[{colours[finding.severity]}]{finding.severity}[/] [bold]{finding.key}[/]: {finding.verdict}")
+        console.print(f"  try: {finding.advice}", soft_wrap=True)
+    if not any(f.severity != "info" for f in findings):
+        console.print("[green]the dragon found no problems[/]")
+    console.print(f"report: {page}")
     return 0
 
 
