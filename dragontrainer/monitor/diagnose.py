@@ -348,25 +348,34 @@ def vanishing_gradients(run: RunRecords) -> Finding | None:
 
 @RULES.register("exploding_gradients")
 def exploding_gradients(run: RunRecords) -> Finding | None:
-    """The global gradient norm jumps far above its typical size."""
+    """Gradients as large as the weights themselves, or a gradient norm spiking far above its typical size."""
     norms = [(r["step"], r["grad_norm"]) for r in run.steps if r["grad_norm"] is not None]
-    if len(norms) < 20:
-        return None
-    typical = statistics.median(n for _, n in norms)
-    step, peak = max(norms, key=lambda s: s[1])
     non_finite = [r["step"] for r in run.steps if r["grad_norm"] is None]
-    if peak < 100 * typical and not non_finite:
+    # the output layer is left out: small classifier weights make its ratio large in healthy runs too
+    huge = [(record["step"], name, ratio) for record in run.layers[: max(3, len(run.layers) // 3)]
+            for name, ratio in gradient_ratios(record)[:-1] if ratio >= 2.0]  # fmt: skip
+    typical = statistics.median(n for _, n in norms) if len(norms) >= 20 else math.inf
+    later = norms[len(norms) // 5 :]  # gradients are large at the start of every healthy run
+    step, peak = max(later, key=lambda s: s[1]) if later else (0, 0.0)
+    if non_finite:
+        where = f"the gradient norm became NaN/Inf at step {non_finite[0]}"
+    elif huge:
+        step, name, ratio = max(huge, key=lambda h: h[2])
+        where = f"at step {step} the gradient of {name} is {ratio:.3g}× the norm of its weights (healthy: ≪ 1)"
+    elif peak >= 100 * typical:
+        where = f"the gradient norm reached {fmt(peak)} at step {step}, {peak / typical:.0f}× its median {fmt(typical)}"
+    else:
         return None
-    where = f"became NaN/Inf at step {non_finite[0]}" if non_finite else (
-        f"reached {fmt(peak)} at step {step}, {peak / typical:.0f}× its median {fmt(typical)}")  # fmt: skip
     return Finding(
         "exploding_gradients",
         "warning",
-        f"exploding gradients: the gradient norm {where}",
-        "clip gradients (regularize.clip_grad_norm=1.0), lower the learning rate "
-        f"(optim.lr={fmt(run.recipe.optim.lr / 10)}) or add normalisation layers (model.norm=batch)",
-        {"series": "grad_norm", "step": step, "peak": peak, "median": typical},
-    )
+        f"exploding gradients: {where}",
+        "clip gradients (regularize.clip_grad_norm=1.0), use a variance-preserving initialisation "
+        f"(model.init=auto), add normalisation layers (model.norm=batch) or lower the learning rate "
+        f"(optim.lr={fmt(run.recipe.optim.lr / 10)})",
+        {"series": "grad_norm", "step": step, "peak": peak, "median": typical if norms else None,
+         "layers": [{"step": s, "layer": n, "grad_over_weight": r} for s, n, r in huge[:10]]},
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------ activations
@@ -453,13 +462,16 @@ def labels_mismatch(run: RunRecords) -> Finding | None:
     train = run.final("train", "accuracy") or 0.0
     n_val = max(sum(sum(row) for row in (run.kind("epoch") or [{"confusion": [[1]]}])[-1]["confusion"]), 1)
     band = run.chance + 3 * math.sqrt(run.chance * (1 - run.chance) / n_val)  # chance + 3σ of a guess
-    if best_val > band or train < run.chance + 0.15:
+    train_fell = run.train[-1]["loss"] <= 0.9 * run.train[0]["loss"]
+    val_stayed = run.val[-1]["loss"] >= 0.97 * run.val[0]["loss"]
+    if best_val > band or not (train >= run.chance + 0.15 or (train_fell and val_stayed)):
         return None
     return Finding(
         "labels_mismatch",
         "error",
-        f"labels do not match the inputs: training accuracy reached {pct(train)} but the best validation accuracy "
-        f"is {pct(best_val)}, chance level ({pct(run.chance)}): the network memorises, it does not generalise",
+        f"labels do not match the inputs: the training loss fell from {fmt(run.train[0]['loss'])} to "
+        f"{fmt(run.train[-1]['loss'])} (accuracy {pct(train)}) but the best validation accuracy is {pct(best_val)}, "
+        f"chance level ({pct(run.chance)}): the network memorises, it does not generalise",
         "check that labels and images are paired (shuffled together, read from the same order); "
         "`dragon doctor` measures how often an image's nearest neighbour has its label",
         {"series": "accuracy", "train_accuracy": train, "best_val_accuracy": best_val, "chance": run.chance},
@@ -546,12 +558,11 @@ def strong_regularisation(recipe: Recipe) -> list[str]:
 
 
 def fit_gap(run: RunRecords) -> tuple[float, float, float] | None:
-    """(train accuracy, validation accuracy, gap) at the best epoch (or the last)."""
-    if not run.val:
+    """(train accuracy, validation accuracy, gap) of the final model: what training led to."""
+    if not run.val or not run.train:
         return None
-    best = max(run.val, key=lambda r: r["accuracy"])
-    train = next((r for r in run.train if r["epoch"] == best["epoch"]), run.train[-1])
-    return train["accuracy"], best["accuracy"], train["accuracy"] - best["accuracy"]
+    train, val = run.train[-1]["accuracy"], run.val[-1]["accuracy"]
+    return train, val, train - val
 
 
 @RULES.register("over_regularisation")
@@ -582,6 +593,9 @@ def underfitting(run: RunRecords) -> Finding | None:
     train, val, difference = gap
     if train >= 0.85 or val <= run.chance + 0.1 or abs(difference) > 0.05:
         return None
+    quarter = run.train[-max(2, len(run.train) // 4) :]
+    if quarter[-1]["accuracy"] - quarter[0]["accuracy"] >= 0.03:
+        return None  # still climbing: not converged yet rather than too small (lr_too_low covers slow runs)
     return Finding(
         "underfitting",
         "warning",
@@ -642,8 +656,8 @@ def val_better_than_train(run: RunRecords) -> Finding | None:
     if gap is None or strong_regularisation(run.recipe):
         return None
     train, val, difference = gap
-    if difference > -0.1:
-        return None
+    if difference > -0.1 or train < 0.5:
+        return None  # below 0.5 the training itself is broken: other findings say why
     return Finding(
         "val_better_than_train",
         "warning",
@@ -657,26 +671,36 @@ def val_better_than_train(run: RunRecords) -> Finding | None:
 # ------------------------------------------------------------------------ noise, batch
 
 
+def loss_floor(num_classes: int, smoothing: float) -> float:
+    """The lowest cross-entropy reachable with label smoothing ε: the entropy of the smoothed target."""
+    if smoothing <= 0:
+        return 0.0
+    hit, miss = 1 - smoothing + smoothing / num_classes, smoothing / num_classes
+    return -(hit * math.log(hit) + (num_classes - 1) * miss * math.log(miss))
+
+
 @RULES.register("noisy_loss")
 def noisy_loss(run: RunRecords) -> Finding | None:
-    """The step-to-step loss swings are large compared with the loss itself: the batch is too small."""
+    """Step-to-step loss swings large against the loss still to lose: the batch is too small."""
     losses, smooth = run.losses, run.smoothed_losses
-    if len(losses) < 40:
+    if len(losses) < 40 or run.kind("diverged"):
         return None
-    half = len(losses) // 2
-    deviations = [abs(a - b) / max(b, 1e-8) for a, b in zip(losses[half:], smooth[half:], strict=True)]
-    noise = statistics.median(deviations)
-    if noise < 0.25:
-        return None
+    lo, hi = len(losses) // 4, 3 * len(losses) // 4  # the middle half: past the first drop, before the end
+    floor = loss_floor(run.num_classes, run.recipe.train.label_smoothing)
+    swing = statistics.median(abs(a - b) for a, b in zip(losses[lo:hi], smooth[lo:hi], strict=True))
+    excess = statistics.median(max(b - floor, 1e-8) for b in smooth[lo:hi])
+    noise = swing / excess
+    if noise < 0.3 or excess < 0.02 * run.expected_initial_loss:
+        return None  # a loss at its floor swings by little in absolute terms: that is convergence
     batch = run.recipe.train.batch_size
     return Finding(
         "noisy_loss",
         "warning",
-        f"loss curve too noisy: in the second half of training a step's loss is typically {pct(noise)} away from "
-        f"the running median (batch size {batch})",
+        f"loss curve too noisy: a step's loss is typically {pct(noise)} of the remaining loss away from the "
+        f"running median (batch size {batch})",
         f"use a larger batch (train.batch_size={batch * 4}, the learning rate follows by optim.lr_scaling=linear) "
         "or accumulate gradients (train.accumulate_steps=4)",
-        {"series": "loss", "relative_noise": noise, "batch_size": batch},
+        {"series": "loss", "relative_noise": noise, "loss_floor": floor, "batch_size": batch},
     )
 
 
