@@ -690,7 +690,9 @@ def save_augmented_samples(run: RunDir, data: PreparedData, augment: Augmenter, 
     x, y = next(data.train.batches(epoch=0))
     x, y = x[:count], y[:count]
     generator = torch.Generator(x.device).manual_seed(seed + 7)
+    saved = capture_rng(generator)  # mixers draw λ from NumPy's global generator: put every stream back
     pixels, _ = augment(x.float().div(255.0), y, generator)
+    restore_rng(saved, generator)
     images = pixels.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().contiguous()
     atomic_write_bytes(run.file("augment_samples.safetensors"), save({"images": images, "labels": y.cpu()}))
 

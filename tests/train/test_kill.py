@@ -80,3 +80,10 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path: Path) 
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["split"]) for r in lines] == [(e, s) for e in range(1, EPOCHS + 1) for s in ("train", "val")]
     assert [r["loss"] for r in lines] == [r["loss"] for r in reference.history]
+    # the monitor's lines survive the kills too: the same steps, measured the same, once each
+    ours_stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    reference_stats = [json.loads(line) for line in (reference.run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in ours_stats] == [(r["kind"], r["step"]) for r in reference_stats]
+    steps = [r for r in ours_stats if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
+    assert steps == [r for r in reference_stats if r["kind"] == "step"]
