@@ -36,7 +36,13 @@ def test_stats_file_holds_every_step_sampled_layers_and_epochs(tmp_path: Path) -
     layers = [r for r in lines if r["kind"] == "layers"]
     assert [r["step"] for r in layers] == [1, *range(5, total_steps + 1, 5)]
     first = layers[0]
-    assert list(first["params"]) == ["stem.0", "blocks.0.0.0", "blocks.1.1.0", "blocks.1.2.0", "head.3"]  # network order
+    assert list(first["params"]) == [
+        "stem.0",
+        "blocks.0.0.0",
+        "blocks.1.1.0",
+        "blocks.1.2.0",
+        "head.3",
+    ]  # network order
     assert set(first["activations"]) == {"stem.2", "blocks.0.0.2", "blocks.1.1.2", "blocks.1.2.2"}
     for entry in first["params"].values():
         assert entry["weight_norm"] > 0 and 0 < entry["update_ratio"] < 1
