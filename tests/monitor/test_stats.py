@@ -32,7 +32,7 @@ def test_stats_file_holds_every_step_sampled_layers_and_epochs(tmp_path: Path) -
     total_steps = result.history[-1]["step"]
     assert [r["step"] for r in steps] == list(range(1, total_steps + 1))
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 and 1 <= r["batch_classes"] <= 10 for r in steps)
-    assert [r["lr"] for r in steps if r["step"] == total_steps][0] == pytest.approx(result.history[-2]["lr"])
+    assert next(r["lr"] for r in steps if r["step"] == total_steps) == pytest.approx(result.history[-2]["lr"])
     layers = [r for r in lines if r["kind"] == "layers"]
     assert [r["step"] for r in layers] == [1, *range(5, total_steps + 1, 5)]
     first = layers[0]

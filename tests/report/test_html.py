@@ -91,6 +91,7 @@ def test_dragon_report_rewrites_findings_and_page(tmp_path: Path, capsys) -> Non
     assert printed == json.loads((tmp_path / "findings.json").read_text())
     page, findings = report(tmp_path)
     assert page == tmp_path / "report.html" and page.exists()
+    assert [f.to_dict() for f in findings] == printed
 
 
 def test_dragon_report_on_a_folder_that_never_trained(tmp_path: Path, capsys) -> None:
