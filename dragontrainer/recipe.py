@@ -410,12 +410,19 @@ class TrainSpec(Section):
     shuffle: bool = True  # a new order every epoch; off only to reproduce (or diagnose) ordered data
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
 
+    _amp_switch = field_validator("amp", mode="before")(lambda v: yaml_switch(v))
+
     @field_validator("class_weights")
     @classmethod
     def _valid_weights(cls, weights: str | list[float]) -> str | list[float]:
         if isinstance(weights, list) and (not weights or min(weights) < 0 or max(weights) == 0):
             raise ValueError(f"must be 'none', 'balanced' or a list of non-negative weights, got {weights}")
         return weights
+
+
+def yaml_switch(value: Any) -> Any:
+    """YAML reads `on`/`off` as booleans: take them back as the words the schema uses."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class MonitorSpec(Section):
@@ -430,6 +437,8 @@ class MonitorSpec(Section):
     rollback_lr_factor: float = Field(0.1, gt=0, lt=1)
     report: bool = True  # findings.json and report.html at the end of the run
     tensorboard: Literal["auto", "on", "off"] = "auto"  # auto: scalars for TensorBoard when it is installed
+
+    _tensorboard_switch = field_validator("tensorboard", mode="before")(lambda v: yaml_switch(v))
 
 
 class RunSpec(Section):

@@ -75,6 +75,7 @@ def all_components() -> dict[str, dict[str, str]]:
     import dragontrainer.data.augment
     import dragontrainer.data.preprocess
     import dragontrainer.data.sources
+    import dragontrainer.monitor.diagnose
     import dragontrainer.nn.activations
     import dragontrainer.nn.init
     import dragontrainer.nn.models
@@ -97,6 +98,7 @@ RECIPE_KEYS = {
     "optimizer": "optim.name",
     "schedule": "schedule.name",
     "penalty": "regularize.penalty",
+    "diagnosis rule": "finding key in findings.json",
 }
 
 

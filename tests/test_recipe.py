@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dragontrainer.errors import RecipeError
 from dragontrainer.recipe import Recipe, parse_override, schema_keys
@@ -90,3 +91,10 @@ def test_every_schema_key_is_settable_by_override() -> None:
             for part in key.split("."):
                 node = getattr(node, part)
             assert recipe.with_overrides({key: node}) == recipe, key
+
+
+def test_yaml_on_off_words_are_kept_as_switch_values() -> None:
+    """YAML 1.1 reads `on`/`off` as booleans; the switches take them back as words."""
+    recipe = Recipe.load(overrides=["train.amp=on", "monitor.tensorboard=off"])
+    assert recipe.train.amp == "on" and recipe.monitor.tensorboard == "off"
+    assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe

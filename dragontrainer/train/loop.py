@@ -30,6 +30,7 @@ from dragontrainer.data.sources import ImageSet, load_images
 from dragontrainer.data.split import Split, stratified_split
 from dragontrainer.errors import RecipeError
 from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_parameters
+from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboard
 from dragontrainer.nn.init import lsuv_rescale
 from dragontrainer.nn.models import count_parameters, create_model
 from dragontrainer.optim.optimizers import create_optimizer, effective_lr
@@ -264,6 +265,7 @@ class Loop:
     monitor_spec: MonitorSpec
     monitor: Monitor | None = None
     console: Console | None = None
+    tensorboard: TensorBoardSink | None = None
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -353,7 +355,10 @@ class Loop:
 
     def flush_monitor(self) -> None:
         if self.monitor is not None:
-            self.run.append_stats(self.monitor.flush())
+            lines = self.monitor.flush()
+            self.run.append_stats(lines)
+            if self.tensorboard is not None:
+                self.tensorboard.write_stats(lines)
 
     def watch_for_divergence(self, loss: torch.Tensor, state: TrainState) -> None:
         """Record the first non-finite loss without a host sync (torch.where on device tensors)."""
@@ -443,6 +448,8 @@ class Loop:
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"]}  # fmt: skip
         for callback in self.callbacks:
             callback.on_eval_end(state, logs)
+        if self.tensorboard is not None:
+            self.tensorboard.write_epoch(epoch, logs)
         self.run.append_metrics(train_record)
         self.run.append_metrics(val_record)
         if stopper.improved:
@@ -563,6 +570,7 @@ def fit(
         torch.Generator(device).manual_seed(recipe.seed + 1), data,
         autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
         accumulate, recipe.augment.tta_flip, recipe.optim.lr, recipe.monitor, monitor, console,
+        create_tensorboard(recipe.monitor, run),
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
     if resume:
@@ -599,6 +607,8 @@ def fit(
             bar.epoch_end(loop.end_epoch(state, meter, stopper), state.global_step)
     for callback in loop.callbacks:
         callback.on_fit_end(state, {})
+    if loop.tensorboard is not None:
+        loop.tensorboard.close()
     return finish(loop, recipe, state, time.perf_counter() - started)
 
 

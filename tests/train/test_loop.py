@@ -30,6 +30,9 @@ def test_default_recipe_reaches_98_5_percent_on_digits(tmp_path: Path) -> None:
     result = train(Recipe.load(overrides=[f"run.dir={tmp_path / 'run'}"]))
     assert result.val_accuracy >= 0.985, result.summary()
     assert result.epochs == 30 and result.images_per_second > 0
+    # the babysitter stays silent on the healthy default run: no warning, no error
+    assert [f for f in result.findings if f["severity"] != "info"] == [], result.findings
+    assert (result.run_dir / "report.html").exists()
 
 
 def test_run_folder_contents_and_metrics(tiny: list[str]) -> None:
