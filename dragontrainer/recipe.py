@@ -274,6 +274,7 @@ class ModelSpec(Section):
     spatial_dropout: float = Field(0.0, ge=0, lt=1)  # drops whole channels after every conv block
     dropconnect: float = Field(0.0, ge=0, lt=1)  # drops individual weights of the head (Wan et al. 2013)
     zero_init_residual: bool = True  # last norm of each residual branch starts at 0 (Goyal et al.)
+    weights: Path | None = None  # start from these weights (.safetensors, or .pt/.pth read with weights_only=True)
 
     @field_validator("widths")
     @classmethod

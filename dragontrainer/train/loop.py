@@ -33,6 +33,7 @@ from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_param
 from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboard
 from dragontrainer.nn.init import lsuv_rescale
 from dragontrainer.nn.models import count_parameters, create_model
+from dragontrainer.nn.pretrained import load_pretrained
 from dragontrainer.optim.optimizers import create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
@@ -542,7 +543,10 @@ def fit(
     if recipe.monitor.report and not resume:
         save_augmented_samples(run, data, augment, recipe.seed)
     model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
-    if recipe.model.init == "lsuv":
+    if recipe.model.weights is not None and not resume:
+        loaded = load_pretrained(model, recipe.model.weights)
+        console.print(f"weights from {recipe.model.weights}: {loaded.describe()}")
+    elif recipe.model.init == "lsuv":
         first_batch, _ = next(data.train.batches(epoch=0))
         lsuv_rescale(model, data.preprocessor.apply(first_batch))
     groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
