@@ -27,6 +27,7 @@ from dragontrainer.run import RunDir, atomic_write_json, read_jsonl
 
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+SYMPTOMS = {"loss_not_decreasing"}  # listed after the findings of the same severity that explain them
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,12 @@ def lr_too_high(run: RunRecords) -> Finding | None:
         )
     if died:
         worst = max(died, key=died.__getitem__)
-        parts.append(f"{pct(died[worst])} of the ReLU channels in {worst} died during training")
+        stalled = f" while the loss stalled at {fmt(smooth[-1])}" if stuck else ""
+        parts.append(f"{pct(died[worst])} of the ReLU channels in {worst} died during training{stalled}")
     lr = run.recipe.optim.lr
     return Finding(
         "lr_too_high",
-        "error" if rose and died else "warning",
+        "error" if died and stuck else "warning",  # dead units and no progress: the run is lost
         "learning rate too high: " + " and ".join(parts),
         f"lower the learning rate (optim.lr={fmt(lr / 10)}) or add warm-up (schedule.warmup_epochs=2); "
         f"to choose, run: dragon compare optim.lr={fmt(lr / 3)},{fmt(lr / 10)},{fmt(lr / 30)}",
@@ -734,7 +736,7 @@ def diagnose(run: str | Path | RunRecords, *, rules: Sequence[str] | None = None
     """Every finding of a run folder (or its loaded records), errors first."""
     records = run if isinstance(run, RunRecords) else RunRecords.load(run)
     findings = [f for name in rules or RULES.names() if (f := RULES.get(name)(records)) is not None]
-    return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.key))
+    return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.key in SYMPTOMS, f.key))
 
 
 def write_findings(path: str | Path) -> list[Finding]:
