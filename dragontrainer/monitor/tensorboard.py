@@ -23,16 +23,18 @@ class TensorBoardSink:
             step = line["step"]
             if line["kind"] == "step":
                 for key in ("loss", "lr", "grad_norm"):
-                    if line[key] is not None:
-                        self.writer.add_scalar(f"step/{key}", line[key], step)
+                    self.scalar(f"step/{key}", line[key], step)
             elif line["kind"] == "layers":
                 for name, entry in line["params"].items():
-                    if entry["update_ratio"] is not None:
-                        self.writer.add_scalar(f"update_ratio/{name}", entry["update_ratio"], step)
+                    self.scalar(f"update_ratio/{name}", entry["update_ratio"], step)
                 for name, entry in line["activations"].items():
-                    self.writer.add_scalar(f"dead_fraction/{name}", entry["dead"], step)
-                    self.writer.add_scalar(f"activation_std/{name}", entry["std"], step)
+                    self.scalar(f"dead_fraction/{name}", entry["dead"], step)
+                    self.scalar(f"activation_std/{name}", entry["std"], step)
         self.writer.flush()
+
+    def scalar(self, tag: str, value: float | None, step: int) -> None:
+        if value is not None:  # a non-finite measurement is null in stats.jsonl
+            self.writer.add_scalar(tag, value, step)
 
     def write_epoch(self, epoch: int, logs: dict[str, float]) -> None:
         for key, value in logs.items():
