@@ -513,7 +513,8 @@ def create_monitor(
     if initial is None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in watched_parameters(model).items()}
         atomic_write_bytes(init_file, save(tensors))
-        run.keep_stats_through(-1)  # a fresh start (also after a kill before the first checkpoint): a fresh file
+    if not resume:  # a fresh start (also after a kill before the first checkpoint): a fresh file
+        run.keep_stats_through(-1)
         run.append_stats([monitor.probe_record(data.num_classes, train.y[index])])
     return monitor
 
