@@ -67,9 +67,12 @@ def summary_table(run: RunRecords, result: dict[str, Any] | None) -> str:
             ("optimiser", f"{run.recipe.optim.name} lr {run.recipe.optim.lr:g}, "
                           f"schedule {run.recipe.schedule.name}")]  # fmt: skip
     if run.val:
-        best = max(run.val, key=lambda r: r["accuracy"])
-        rows.append(("validation", f"final {run.val[-1]['accuracy']:.2%}, best {best['accuracy']:.2%} at epoch "
-                                   f"{best['epoch']} of {run.val[-1]['epoch']}"))  # fmt: skip
+        # the best checkpoint is chosen by train.early_stopping.monitor, as the CLI reports it
+        by_epoch = {r["epoch"]: r for r in run.val}
+        best = by_epoch.get((result or {}).get("best_epoch"), max(run.val, key=lambda r: r["accuracy"]))
+        monitor = run.recipe.train.early_stopping.monitor
+        rows.append(("validation", f"final {run.val[-1]['accuracy']:.2%}; best checkpoint (by {monitor}): epoch "
+                                   f"{best['epoch']} of {run.val[-1]['epoch']}, {best['accuracy']:.2%}"))  # fmt: skip
     if result and result.get("test_accuracy") is not None:
         rows.append(("test", f"{result['test_accuracy']:.2%} (best checkpoint)"))
     return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows) + "</table>"
