@@ -462,7 +462,7 @@ def labels_mismatch(run: RunRecords) -> Finding | None:
         return None
     best_val = max(r["accuracy"] for r in run.val)
     train = run.final("train", "accuracy") or 0.0
-    n_val = max(sum(sum(row) for row in (run.kind("epoch") or [{"confusion": [[1]]}])[-1]["confusion"]), 1)
+    n_val = max(run.data.get("num_val", 1), 1)
     band = run.chance + 3 * math.sqrt(run.chance * (1 - run.chance) / n_val)  # chance + 3σ of a guess
     train_fell = run.train[-1]["loss"] <= 0.9 * run.train[0]["loss"]
     val_stayed = run.val[-1]["loss"] >= 0.97 * run.val[0]["loss"]
