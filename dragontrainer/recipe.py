@@ -432,7 +432,7 @@ class MonitorSpec(Section):
     enabled: bool = True
     every: int = Field(0, ge=0)  # optimiser steps between layer samples; 0: auto (4 per epoch, at most every 20 steps)
     probe_size: int = Field(64, ge=2, le=4096)  # fixed training images the layer statistics are measured on
-    noise_scale: bool = True  # gradient noise scale (McCandlish et al. 2018) at every 4th sample
+    noise_scale: bool = True  # gradient noise scale (McCandlish et al. 2018) at every 8th sample
     on_nan: Literal["stop", "rollback"] = "stop"  # rollback: back to `last` with the learning rate lowered
     max_rollbacks: int = Field(3, ge=1, le=100)
     rollback_lr_factor: float = Field(0.1, gt=0, lt=1)

@@ -7,7 +7,7 @@ came after its checkpoint):
 - `layers`: every `every` steps — per weight tensor the gradient norm, weight norm, the update the
   optimiser applied ‖Δθ‖/‖θ‖ and the distance from initialisation; per activation module the
   mean, std, percentiles, dead and saturated fractions on a fixed probe batch (eval mode, no
-  gradient: the probe changes neither weights, batch-norm statistics nor any RNG); at every 4th
+  gradient: the probe changes neither weights, batch-norm statistics nor any RNG); at every 8th
   sample the gradient noise scale from gradients at two batch sizes (McCandlish et al. 2018).
 - `epoch`: per-class validation accuracy and the confusion matrix.
 Plus one `probe` line at the start: the statistics of the network's input after preprocessing.
@@ -35,12 +35,13 @@ QUANTILE_SAMPLE = 4096  # activations subsampled for percentiles: ±1% of rank, 
 ACTIVATION_FIELDS = ("mean", "std", "p01", "p25", "p50", "p75", "p99", "dead", "saturated")
 PARAM_FIELDS = ("grad_norm", "weight_norm", "update_ratio", "dist_init")
 NOISE_SCALE_CHUNKS = 2
+NOISE_SCALE_EVERY = 8  # layer samples between noise-scale estimates (each costs about half a step)
 
 
 def sample_every(spec: MonitorSpec, steps_per_epoch: int) -> int:
     """Steps between layer samples: as set, or about four per epoch but never more often than every
-    20 steps (a sample costs about half a step: with the per-step series, ~3% of the training time,
-    measured by bench/throughput.py --monitor-overhead)."""
+    20 steps. With the per-step series this is 3.2% of the default digits run's training time, timed
+    inside the loop (bench/throughput.py --monitor-overhead measures it from outside)."""
     return spec.every or max(20, steps_per_epoch // 4)
 
 
@@ -142,7 +143,7 @@ class Monitor:
         param_stats = torch.stack([self.grad_norms, weight_norms, update_norms / before_norms, dist_init], 1)
         self.before = None
         activation_stats = self.probe_activations()
-        noise = self.noise_scale(step) if self.spec.noise_scale and self.samples % 4 == 0 else None
+        noise = self.noise_scale(step) if self.spec.noise_scale and self.samples % NOISE_SCALE_EVERY == 0 else None
         self.samples += 1
         self.pending.layers.append((step, epoch, param_stats, activation_stats, noise))
 
