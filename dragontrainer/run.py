@@ -138,6 +138,8 @@ class RunDir:
             "data.json",
             "preprocess.safetensors",
             "init.safetensors",
+            "augment_samples.safetensors",
+            "stats.jsonl",
             ".lock",
         ):
             (self.path / name).unlink(missing_ok=True)

@@ -27,6 +27,7 @@ def test_scalars_are_readable_by_tensorboard(tmp_path: Path) -> None:
 def test_on_without_the_package_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tensorboard, "tensorboard_available", lambda: False)
     with pytest.raises(RecipeError, match=r"monitor.tensorboard: 'on' needs the tensorboard package"):
-        train(overrides=[*TINY, "monitor.tensorboard=on", f"run.dir={tmp_path}"])
+        train(overrides=[*TINY, "monitor.tensorboard=on", f"run.dir={tmp_path / 'on'}"])
+    assert not (tmp_path / "on").exists()  # nothing half-made is left behind
     train(overrides=[*TINY, f"run.dir={tmp_path / 'auto'}"])  # auto: silently without
     assert not (tmp_path / "auto" / "tensorboard").exists()

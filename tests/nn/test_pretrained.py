@@ -56,6 +56,7 @@ def test_through_the_cli_a_payload_is_one_line_and_never_runs(tmp_path: Path, ca
     code = main(["train", *TINY, f"model.weights={tmp_path / 'evil.pt'}", f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "refused" in err and "Traceback" not in err and not marker.exists()
+    assert not (tmp_path / "run").exists()  # a run that never started leaves nothing behind
 
 
 @pytest.mark.parametrize(
