@@ -220,19 +220,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from dragontrainer.api import report
+    from dragontrainer.monitor.diagnose import print_findings
 
     page, findings = report(args.run_dir)
     if args.json:
         print(json.dumps([f.to_dict() for f in findings]))
         return 0
     console = Console(highlight=False)
-    colours = {"error": "red", "warning": "yellow", "info": "blue"}
-    for finding in findings:
-        console.print(f"[{colours[finding.severity]}]{finding.severity}[/] [bold]{finding.key}[/]: {finding.verdict}")
-        console.print(f"  try: {finding.advice}", soft_wrap=True)
-    if not any(f.severity != "info" for f in findings):
-        console.print("[green]the dragon found no problems[/]")
-    console.print(f"report: {page}")
+    print_findings(console, findings, with_info=True)
+    console.print(f"report: {escape(str(page))}")
     return 0
 
 

@@ -20,10 +20,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from rich.console import Console
+from rich.markup import escape
+
 from dragontrainer.errors import RunError
 from dragontrainer.recipe import Recipe
 from dragontrainer.registry import Registry
-from dragontrainer.run import RunDir, atomic_write_json, read_jsonl
+from dragontrainer.run import RunDir, read_jsonl
 
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -739,7 +742,14 @@ def diagnose(run: str | Path | RunRecords, *, rules: Sequence[str] | None = None
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.key in SYMPTOMS, f.key))
 
 
-def write_findings(path: str | Path) -> list[Finding]:
-    findings = diagnose(path)
-    atomic_write_json(Path(path) / "findings.json", [f.to_dict() for f in findings])
-    return findings
+def print_findings(console: Console, findings: Sequence[Finding], *, with_info: bool) -> None:
+    """One finding per line with its advice below; user text (class names, paths) is escaped for rich."""
+    colours = {"error": "red", "warning": "yellow", "info": "blue"}
+    for finding in findings:
+        if with_info or finding.severity != "info":
+            console.print(
+                f"[{colours[finding.severity]}]{finding.severity}[/] [bold]{finding.key}[/]: {escape(finding.verdict)}"
+            )
+            console.print(f"  try: {escape(finding.advice)}", soft_wrap=True)
+    if not any(f.severity != "info" for f in findings):
+        console.print("[green]the dragon found no problems[/]")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from dragontrainer.data.augment import Augmenter, create_augmenter, flip_averaged_logits
@@ -653,6 +654,7 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
 def report_run(run: RunDir, console: Console) -> list[dict[str, Any]]:
     """findings.json and report.html; the findings that matter are printed. A failure to draw the
     report is reported, never raised: the trained weights and metrics are already safe."""
+    from dragontrainer.monitor.diagnose import print_findings
     from dragontrainer.report.html import write_report
 
     try:
@@ -660,15 +662,8 @@ def report_run(run: RunDir, console: Console) -> list[dict[str, Any]]:
     except Exception as exc:
         console.print(f"[yellow]the report could not be written: {type(exc).__name__}: {exc}[/]")
         return []
-    colours = {"error": "red", "warning": "yellow", "info": "blue"}
-    for finding in findings:
-        if finding.severity != "info":
-            console.print(
-                f"[{colours[finding.severity]}]{finding.severity}[/] {finding.verdict}\n  try: {finding.advice}"
-            )
-    if not any(f.severity != "info" for f in findings):
-        console.print("[green]the dragon found no problems[/]")
-    console.print(f"report: {page}")
+    print_findings(console, findings, with_info=False)
+    console.print(f"report: {escape(str(page))}")
     return [f.to_dict() for f in findings]
 
 

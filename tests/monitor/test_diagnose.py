@@ -65,3 +65,18 @@ def test_a_finished_run_can_be_diagnosed_again_from_files_alone(tmp_path: Path) 
     assert again == run.findings == json.loads((tmp_path / "findings.json").read_text())
     assert "unnormalised_inputs" in {f["key"] for f in again}
     assert not math.isnan(again[0]["evidence"].get("mean", 0.0))
+
+
+def test_printed_findings_keep_user_text_literal() -> None:
+    """Class names and paths inside verdicts are text for rich, never markup."""
+    from rich.console import Console
+
+    from dragontrainer.monitor.diagnose import print_findings
+
+    console = Console(record=True, width=200)
+    findings = [Finding("class_imbalance", "warning", "worst class [bold]x[/bold] at 0%", "train.class_weights=[1]"),
+                Finding("noise_scale", "info", "scale 3", "none")]  # fmt: skip
+    print_findings(console, findings, with_info=False)
+    text = console.export_text()
+    assert "worst class [bold]x[/bold] at 0%" in text and "train.class_weights=[1]" in text
+    assert "noise_scale" not in text and "no problems" not in text
