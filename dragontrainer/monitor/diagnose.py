@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from dragontrainer.errors import RunError
+from dragontrainer.monitor.stats import input_problem
 from dragontrainer.recipe import Recipe
 from dragontrainer.registry import Registry
 from dragontrainer.run import RunDir, read_jsonl
@@ -444,9 +445,7 @@ def unnormalised_inputs(run: RunRecords) -> Finding | None:
         return None
     probe = probes[0]
     mean, std = probe["mean"], probe["std"]
-    off_centre = abs(mean) > 0.5 * max(std, 1e-12) and abs(mean) > 0.1
-    off_scale = std > 10 or std < 0.05
-    if not (off_centre or off_scale):
+    if input_problem(probe) is None:
         return None
     return Finding(
         "unnormalised_inputs",

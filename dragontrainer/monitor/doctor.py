@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dragontrainer.monitor.diagnose import expected_distinct_classes
+from dragontrainer.monitor.stats import input_problem, input_summary
 from dragontrainer.nn.models import create_model
 from dragontrainer.optim.optimizers import create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
@@ -101,15 +102,14 @@ def check(name: str) -> Callable[[Callable[[Patient], Check]], Callable[[Patient
 def input_statistics(patient: Patient) -> Check:
     """Zero mean, unit scale per channel after preprocessing (CS231n: zero-centre, normalise)."""
     x, _ = patient.batch()
-    per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
-    means, stds = per_channel.mean(1).tolist(), per_channel.std(1).tolist()
-    mean, std = float(x.mean()), float(x.std())
-    numbers = {"mean": mean, "std": std, "channel_mean": means, "channel_std": stds}
+    numbers = input_summary(x)
+    mean, std = numbers["mean"], numbers["std"]
     name = patient.recipe.preprocess.name
-    if std > 10 or std < 0.05:
+    problem = input_problem(numbers)
+    if problem == "scale":
         return Check("input_statistics", "fail", f"inputs after preprocessing ({name}) have standard deviation "
                      f"{std:.3g}: far from 1 (preprocess.name=standardize)", numbers)  # fmt: skip
-    if any(abs(m) > 0.5 * max(s, 1e-12) and abs(m) > 0.1 for m, s in zip(means, stds, strict=True)):
+    if problem == "centre":
         return Check("input_statistics", "warn", f"inputs after preprocessing ({name}) are not zero-centred: mean "
                      f"{mean:.3g}, std {std:.3g} (preprocess.name=standardize)", numbers)  # fmt: skip
     return Check("input_statistics", "pass", f"inputs have mean {mean:.3g} and std {std:.3g}", numbers)

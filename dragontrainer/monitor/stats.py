@@ -16,7 +16,7 @@ Plus one `probe` line at the start: the statistics of the network's input after 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -107,7 +107,9 @@ class Monitor:
         self.criterion = criterion
         self.params = watched_parameters(model)
         self.activations = watched_activations(model)
-        self.initial = initial or {name: p.detach().clone() for name, p in self.params.items()}
+        initial = initial or {name: p.detach().clone() for name, p in self.params.items()}
+        self.initial = [initial[name] for name in self.params]  # network order, as the statistics
+        self.initial_norms = torch.stack(torch._foreach_norm(self.initial)).clamp_min(1e-12)  # constant: once
         self.pending = Pending()
         self.samples = 0
         self.before: list[torch.Tensor] | None = None
@@ -136,9 +138,7 @@ class Monitor:
         params = [p.detach() for p in self.params.values()]
         weight_norms = torch.stack(torch._foreach_norm(params))
         update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(params, self.before)))
-        initial = [self.initial[name] for name in self.params]
-        init_norms = torch.stack(torch._foreach_norm(initial)).clamp_min(1e-12)
-        dist_init = torch.stack(torch._foreach_norm(torch._foreach_sub(params, initial))) / init_norms
+        dist_init = torch.stack(torch._foreach_norm(torch._foreach_sub(params, self.initial))) / self.initial_norms
         before_norms = torch.stack(torch._foreach_norm(self.before)).clamp_min(1e-12)
         param_stats = torch.stack([self.grad_norms, weight_norms, update_norms / before_norms, dist_init], 1)
         self.before = None
@@ -200,17 +200,13 @@ class Monitor:
         self.pending.records.append(record)
 
     def probe_record(self, num_classes: int, labels: torch.Tensor) -> dict[str, Any]:
-        x = self.probe.float()
-        per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
         return {
-            "kind": "probe", "step": 0, "images": len(x), "mean": float(x.mean()), "std": float(x.std()),
-            "min": float(x.min()), "max": float(x.max()),
-            "channel_mean": per_channel.mean(1).tolist(), "channel_std": per_channel.std(1).tolist(),
+            "kind": "probe", "step": 0, "images": len(self.probe), **input_summary(self.probe),
             "classes": torch.bincount(labels.cpu(), minlength=num_classes).tolist(),
         }  # fmt: skip
 
     def flush(self) -> list[dict[str, Any]]:
-        """Everything pending as JSON-ready lines (one device sync)."""
+        """Everything pending as JSON-ready lines (the device syncs happen here, once per epoch)."""
         lines: list[dict[str, Any]] = []
         if self.pending.steps:
             values = torch.stack([v for *_, v in self.pending.steps]).tolist()
@@ -237,6 +233,27 @@ class Monitor:
         lines.sort(key=lambda r: (r["step"], r["kind"] != "step"))
         self.pending = Pending()
         return lines
+
+
+def input_summary(x: torch.Tensor) -> dict[str, Any]:
+    """What the network's first layer sees: overall and per-channel mean and std, range."""
+    x = x.float()
+    per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
+    return {
+        "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max()),
+        "channel_mean": per_channel.mean(1).tolist(), "channel_std": per_channel.std(1).tolist(),
+    }  # fmt: skip
+
+
+def input_problem(summary: dict[str, Any]) -> Literal["scale", "centre"] | None:
+    """`scale`: the spread is far from 1; `centre`: a channel's mean is large against its spread
+    (CS231n: zero-centre, then normalise). Shared by the diagnosis and `dragon doctor`."""
+    if summary["std"] > 10 or summary["std"] < 0.05:
+        return "scale"
+    pairs = zip(summary["channel_mean"], summary["channel_std"], strict=True)
+    if any(abs(m) > 0.5 * max(s, 1e-12) and abs(m) > 0.1 for m, s in pairs):
+        return "centre"
+    return None
 
 
 def finite(value: float) -> float | None:

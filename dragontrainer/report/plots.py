@@ -93,14 +93,23 @@ def layer_heatmap(
     return png(figure)
 
 
-def dead_fractions(run: RunRecords) -> bytes | None:
-    samples = [r for r in run.layers if r.get("activations")]
+def per_layer_lines(run: RunRecords, section: str, field: str, missing: float) -> tuple[Figure, Any] | None:
+    """One line per layer of a sampled statistic over the steps (a layer's gap shows as `missing`)."""
+    samples = [r for r in run.layers if r.get(section)]
     if not samples:
         return None
     figure, ax = plt.subplots(figsize=(5.5, 3))
     steps = [r["step"] for r in samples]
-    for name in samples[-1]["activations"]:
-        ax.plot(steps, [r["activations"].get(name, {}).get("dead") or 0.0 for r in samples], label=name, linewidth=1)
+    for name in samples[-1][section]:
+        ax.plot(steps, [r[section].get(name, {}).get(field) or missing for r in samples], label=name, linewidth=1)
+    return figure, ax
+
+
+def dead_fractions(run: RunRecords) -> bytes | None:
+    drawn = per_layer_lines(run, "activations", "dead", 0.0)
+    if drawn is None:
+        return None
+    figure, ax = drawn
     ax.set(
         xlabel="step", ylabel="fraction of channels", title="dead units (≤ 0 on every probe image)", ylim=(-0.02, 1.02)
     )
@@ -109,14 +118,10 @@ def dead_fractions(run: RunRecords) -> bytes | None:
 
 
 def update_ratios(run: RunRecords) -> bytes | None:
-    samples = [r for r in run.layers if r.get("params")]
-    if not samples:
+    drawn = per_layer_lines(run, "params", "update_ratio", np.nan)  # no zero on a log axis
+    if drawn is None:
         return None
-    figure, ax = plt.subplots(figsize=(5.5, 3))
-    steps = [r["step"] for r in samples]
-    for name in samples[-1]["params"]:
-        values = [r["params"].get(name, {}).get("update_ratio") or np.nan for r in samples]
-        ax.plot(steps, values, linewidth=1, label=name)
+    figure, ax = drawn
     ax.axhspan(3e-4, 3e-3, color="green", alpha=0.12, label="≈ 1e-3 (healthy)")
     ax.axhline(1e-3, color="green", linewidth=1, linestyle=":")
     ax.set_yscale("log")

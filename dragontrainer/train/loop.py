@@ -205,7 +205,7 @@ def evaluate(
     device = loader.x.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.int64, device=device)
+    confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device) if num_classes else None
     for x, y in loader.batches():
         inputs = preprocessor.apply(x)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -213,12 +213,12 @@ def evaluate(
         loss_sum += criterion(logits.float(), y).double() * len(y)
         predictions = logits.argmax(1)
         correct += (predictions == y).sum()
-        if num_classes:
-            confusion += confusion_matrix(y, predictions, num_classes)
+        if confusion is not None:
+            confusion += confusion_matrix(y, predictions, confusion.shape[0])
     model.train(was_training)
     count = max(loader.num_images, 1)
     result: dict[str, Any] = {"loss": float(loss_sum) / count, "accuracy": int(correct) / count}
-    if num_classes:
+    if confusion is not None:
         result["confusion"] = confusion.tolist()
     return result
 
