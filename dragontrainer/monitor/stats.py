@@ -40,7 +40,7 @@ NOISE_SCALE_EVERY = 8  # layer samples between noise-scale estimates (each costs
 
 def sample_every(spec: MonitorSpec, steps_per_epoch: int) -> int:
     """Steps between layer samples: as set, or about four per epoch but never more often than every
-    20 steps. With the per-step series this is 3.2% of the default digits run's training time, timed
+    20 steps. With the per-step series this is 3.2–3.4% of the default digits run's training time, timed
     inside the loop (bench/throughput.py --monitor-overhead measures it from outside)."""
     return spec.every or max(20, steps_per_epoch // 4)
 
