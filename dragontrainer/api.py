@@ -23,13 +23,21 @@ from dragontrainer.data.augment import flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import convert_color, decode_image, load_images
-from dragontrainer.errors import DataError, DragonError, RunError
+from dragontrainer.errors import DataError, RunError
 from dragontrainer.nn.models import create_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir
 from dragontrainer.train.callbacks import Callback
 from dragontrainer.train.checkpoint import checkpoint_folder, load_model_weights
-from dragontrainer.train.loop import TrainResult, evaluate, fit, prepare_data, resolve_device
+from dragontrainer.train.loop import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainResult,
+    evaluate,
+    fit,
+    prepare_data,
+    resolve_device,
+)
 
 
 def as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
@@ -54,8 +62,10 @@ def train(
     try:
         with run.lock():
             return fit(run.recipe(), run, progress=progress, callbacks=callbacks, console=console)
-    except DragonError:
-        run.discard_if_unstarted()
+    except (TrainingDiverged, TrainingInterrupted):
+        raise  # training ran: its statistics, findings and report are the evidence
+    except BaseException:
+        run.discard_if_unstarted()  # whatever stopped it before training began: leave nothing half-made
         raise
 
 
@@ -78,6 +88,7 @@ def resume(run_dir: str | Path, *, progress: bool = False, console: Console | No
     """Continue a stopped run from its `last` checkpoint; the result equals an uninterrupted run's."""
     run = RunDir.open(run_dir)
     with run.lock():
+        run.remove_stale_temporaries()  # a kill during a checkpoint swap leaves .last.XXXXXXXX.tmp behind
         has_checkpoint = checkpoint_folder(run.checkpoints / "last") is not None
         if not has_checkpoint:
             run.keep_metrics_through(0)  # killed before the first checkpoint: start again

@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = command("compare", cmd_compare, "the same recipe once per value: dragon compare [recipe.yaml] KEY=v1,v2 ...")
-    p.add_argument("items", nargs="+", metavar="recipe.yaml | KEY=v1,v2,... | key=value")
+    p.add_argument("items", nargs="*", metavar="recipe.yaml | KEY=v1,v2,... | key=value")
+    p.add_argument("--resume", metavar="DIR", help="continue the comparison in DIR (as recorded in DIR/compare.json)")
     p.add_argument("--seeds", type=int, default=1, help="runs per value, with seeds seed, seed+1, ...")
-    p.add_argument("--out", help="comparison folder (default compare/<time>)")
+    p.add_argument("--out", help="comparison folder (default compare/<keys>-<hash>: the same command continues it)")
     p.add_argument("--target", type=float, default=0.95, help="accuracy for the 'epochs to target' column")
     p.add_argument("--zip", action="store_true", help="pair the i-th values of every key instead of all combinations")
     p.add_argument("--json", action="store_true", help="print summary.json's runs as one JSON line")
@@ -233,20 +234,32 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dragontrainer.compare import compare, parse_sweeps, print_table
+    from dragontrainer.compare import (
+        ComparisonInterrupted,
+        compare,
+        parse_sweeps,
+        print_table,
+        resume_comparison,
+        row_dict,
+    )
     from dragontrainer.recipe import Recipe
 
-    path, items = split_items(args.items)
-    if args.seeds < 1:
-        raise RecipeError(f"--seeds must be at least 1, got {args.seeds}")
-    sweeps, fixed = parse_sweeps(items)
-    base = Recipe.load(path, fixed)
-    out, rows = compare(base, sweeps, seeds=args.seeds, out=Path(args.out) if args.out else None,
-                        target_accuracy=args.target, zip_values=args.zip, progress=not args.quiet)  # fmt: skip
+    try:
+        if args.resume:
+            if args.items or args.out:
+                raise RecipeError("dragon compare --resume DIR takes no other sweeps, overrides or --out")
+            out, rows = resume_comparison(Path(args.resume), progress=not args.quiet)
+        else:
+            path, items = split_items(args.items)
+            sweeps, fixed = parse_sweeps(items)
+            base = Recipe.load(path, fixed)
+            out, rows = compare(base, sweeps, seeds=args.seeds, out=Path(args.out) if args.out else None,
+                                target_accuracy=args.target, zip_values=args.zip, progress=not args.quiet)  # fmt: skip
+    except ComparisonInterrupted as exc:
+        print(f"dragon: {exc}", file=sys.stderr)
+        return exc.exit_code
     if args.json:
-        from dataclasses import asdict
-
-        print(json.dumps({"out": str(out), "runs": [asdict(r) for r in rows]}))
+        print(json.dumps({"out": str(out), "runs": [row_dict(r) for r in rows]}))
     else:
         print_table(rows, Console())
         print(f"comparison folder {out} (index.html, curves.png, summary.csv)")

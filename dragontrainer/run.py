@@ -15,6 +15,8 @@ import fcntl
 import json
 import os
 import platform
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -80,6 +82,8 @@ class RunDir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.created: list[Path] = []  # files this process created, in order (cleanup removes only these)
+        self.created_dirs: list[Path] = []  # folders this process created, outermost first
 
     # ---------------------------------------------------------------------- paths
 
@@ -102,20 +106,17 @@ class RunDir:
 
     @classmethod
     def create(cls, recipe: Recipe) -> RunDir:
-        """A new, empty run folder; an existing run there is refused (resume it instead)."""
+        """A new run folder: one this process creates, or an existing empty one. A folder holding
+        anything else is refused — a run never writes over, or cleans up, files it did not make."""
         path = recipe.run.dir or unique_path(recipe.run.root / default_name(recipe))
-        if (path / "recipe.yaml").exists():
-            raise RunError(f"{path}: a run already exists here; continue it with `dragon resume {path}` or set run.dir")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunError(f"{path}: cannot create the run folder ({exc.strerror})") from None
+        check_usable_folder(path, what="run.dir")
+        run = cls(path)
+        run.created_dirs = make_folder(path, what="run folder")
         if not os.access(path, os.W_OK):
             raise RunError(f"{path}: the run folder is not writable")
-        run = cls(path)
         run_recipe = recipe.model_copy(update={"run": recipe.run.model_copy(update={"dir": path})})
-        atomic_write_text(run.recipe_path, run_recipe.to_yaml())
-        atomic_write_json(run.file("provenance.json"), provenance())
+        run.write_text("recipe.yaml", run_recipe.to_yaml())
+        run.write_json("provenance.json", provenance())
         return run
 
     @classmethod
@@ -125,26 +126,58 @@ class RunDir:
             raise RunError(f"{path}: not a run folder (no recipe.yaml)")
         return run
 
-    def discard_if_unstarted(self) -> None:
-        """Remove a run folder this process just created when training never wrote a checkpoint.
+    # ------------------------------------------------------------- writing, tracked
 
-        Bad data found at start-up then leaves no half-made run behind; anything else stays.
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Atomically write a file of the run; remembered if new, so a failed start can remove it."""
+        path = self.file(name)
+        self._track(path)
+        atomic_write_bytes(path, data)
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.write_bytes(name, text.encode("utf-8"))
+
+    def write_json(self, name: str, value: Any) -> Path:
+        return self.write_text(name, json.dumps(value, indent=2) + "\n")
+
+    def _track(self, path: Path) -> None:
+        if not path.exists() and path not in self.created:
+            self.created.append(path)
+
+    def discard_if_unstarted(self) -> None:
+        """Remove what this process created when training never wrote a checkpoint or a metrics line.
+
+        Bad data found at start-up then leaves no half-made run behind. Only paths this process
+        created are removed (never anything by name), and folders only when they are empty.
         """
         if self.checkpoints.exists() or self.metrics_path.exists():
             return
-        for name in (
-            "recipe.yaml",
-            "provenance.json",
-            "data.json",
-            "preprocess.safetensors",
-            "init.safetensors",
-            "augment_samples.safetensors",
-            "stats.jsonl",
-            ".lock",
-        ):
-            (self.path / name).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
+        for path in reversed(self.created):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        self.created.clear()
+        for folder in reversed(self.created_dirs):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds when empty
+        self.created_dirs = []
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Temporary files and checkpoint folders a killed process left behind (only our own naming
+        scheme: `.NAME.XXXXXXXX.tmp`, as written by `atomic_write_bytes` and `save_checkpoint`)."""
+        removed = []
+        for folder in (self.path, self.checkpoints, *self.checkpoints.glob("*/")):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if not TEMPORARY_NAME.fullmatch(entry.name):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+        return removed
 
     def recipe(self) -> Recipe:
         return Recipe.load(self.recipe_path)
@@ -152,6 +185,7 @@ class RunDir:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Only one process may write a run folder at a time; a second is refused, not interleaved."""
+        self._track(self.path / ".lock")
         handle = (self.path / ".lock").open("w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -182,6 +216,7 @@ class RunDir:
         """Append lines in one write and fsync: a line is either wholly there or (torn) dropped on resume."""
         if not records:
             return
+        self._track(path)
         try:
             with path.open("a", encoding="utf-8") as handle:
                 handle.write("".join(json.dumps(r) + "\n" for r in records))
@@ -206,6 +241,42 @@ class RunDir:
         if self.stats_path.exists():
             kept = [r for r in self.stats() if r.get("step", 0) <= step]
             atomic_write_text(self.stats_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+TEMPORARY_NAME = re.compile(r"\.[^/]+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def check_usable_folder(path: Path, *, what: str) -> None:
+    """A folder we may write into: absent, or an existing empty folder. Anything else is the user's."""
+    if path.is_symlink() and not path.exists():
+        raise RunError(f"{path}: a broken symbolic link; choose another {what}")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RunError(f"{path}: exists and is not a folder; choose another {what}")
+    try:
+        empty = next(path.iterdir(), None) is None
+    except OSError as exc:
+        raise RunError(f"{path}: cannot be read ({exc.strerror})") from None
+    if empty:
+        return
+    if (path / "recipe.yaml").is_file():
+        raise RunError(f"{path}: a run already exists here; continue it with `dragon resume {path}` or set run.dir")
+    raise RunError(f"{path}: not empty and not a dragontrainer run; choose another {what}")
+
+
+def make_folder(path: Path, *, what: str) -> list[Path]:
+    """mkdir -p that returns the folders it created (outermost first), for exact cleanup."""
+    missing = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"{path}: cannot create the {what} ({exc.strerror})") from None
+    return list(reversed(missing))
 
 
 def unique_path(path: Path) -> Path:

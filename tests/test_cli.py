@@ -126,7 +126,8 @@ def dragon(*argv: str) -> list[str]:
 
 def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    argv = ["model.name=vgg", "model.widths=[16,32]", "train.epochs=40", "train.batch_size=32", f"run.dir={run_dir}"]
+    argv = ["model.name=vgg", "model.widths=[16,32]", "train.epochs=40", "train.batch_size=32",
+            "train.early_stopping.patience=null", f"run.dir={run_dir}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         dragon("train", *argv, "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

@@ -36,3 +36,76 @@ def test_existing_run_is_not_overwritten_and_lock_refuses_a_second_writer(tmp_pa
         pass
     with pytest.raises(RunError, match="not a run folder"):
         RunDir.open(tmp_path)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes (folders as b'<dir>'), to compare before and after."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>") for p in folder.rglob("*")}
+
+
+USER_FILES = ["data.json", "provenance.json", "stats.jsonl", "report.html", "result.json", "metrics.jsonl",
+              "preprocess.safetensors", "init.safetensors", ".lock", "checkpoints/last/state.json", "notes.txt"]  # fmt: skip
+
+
+def user_folder(root: Path, names: list[str] = USER_FILES) -> Path:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"the user's own {name}\n")
+    return root
+
+
+@pytest.mark.parametrize("data", ["digits", "broken"])
+def test_a_users_folder_is_refused_and_left_byte_identical(tmp_path: Path, data: str) -> None:
+    from dragontrainer.api import train
+
+    folder = user_folder(tmp_path / "mine")
+    before = snapshot(folder)
+    extra = ["data.source=npz", f"data.path={tmp_path / 'missing.npz'}"] if data == "broken" else []
+    with pytest.raises(RunError, match=r"mine: not empty and not a dragontrainer run; choose another run.dir"):
+        train(overrides=["model.name=mlp", "train.epochs=2", "schedule.warmup_epochs=0", f"run.dir={folder}", *extra])
+    assert snapshot(folder) == before
+
+
+def test_a_run_that_lost_its_recipe_is_not_a_run(tmp_path: Path) -> None:
+    folder = user_folder(tmp_path / "old", ["metrics.jsonl", "checkpoints/last/state.json"])
+    with pytest.raises(RunError, match="not empty and not a dragontrainer run"):
+        RunDir.create(Recipe.load(overrides=[f"run.dir={folder}"]))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunError, match="exists and is not a folder"):
+        RunDir.create(Recipe.load(overrides=[f"run.dir={tmp_path / 'file'}"]))
+
+
+def test_a_failed_start_removes_only_what_it_created(tmp_path: Path) -> None:
+    from dragontrainer.api import train
+
+    bad = ["data.source=npz", f"data.path={tmp_path / 'missing.npz'}"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception, match="no such file"):
+        train(overrides=[*bad, f"run.dir={empty}"])
+    assert empty.is_dir() and not any(empty.iterdir())  # the user's empty folder stays, empty
+    with pytest.raises(Exception, match="no such file"):
+        train(overrides=[*bad, f"run.dir={tmp_path / 'a' / 'b' / 'c'}"])
+    assert not (tmp_path / "a").exists()  # every folder it made is gone again
+
+
+def test_a_failed_start_keeps_a_file_the_user_added_meanwhile(tmp_path: Path) -> None:
+    run = RunDir.create(Recipe.load(overrides=[f"run.dir={tmp_path / 'r'}"]))
+    run.write_json("data.json", {})
+    (run.path / "mine.txt").write_text("mine")
+    run.discard_if_unstarted()
+    assert [p.name for p in run.path.iterdir()] == ["mine.txt"]
+
+
+def test_resume_removes_stale_temporaries_of_its_own_scheme_only(tmp_path: Path) -> None:
+    run = RunDir.create(Recipe.load(overrides=[f"run.dir={tmp_path / 'r'}"]))
+    stale = [run.checkpoints / ".last.ab12_xyz.tmp", run.checkpoints / ".best.0a1b2c3d.tmp"]
+    for folder in stale:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+    (run.path / ".data.json.k2j4h5g6.tmp").write_text("half")
+    kept = [run.checkpoints / "last.tmp", run.path / "notes.tmp", run.checkpoints / ".last.old"]
+    kept[0].write_text("x"), kept[1].write_text("y"), kept[2].mkdir()
+    removed = run.remove_stale_temporaries()
+    assert sorted(p.name for p in removed) == sorted([".last.ab12_xyz.tmp", ".best.0a1b2c3d.tmp", ".data.json.k2j4h5g6.tmp"])
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)

@@ -40,7 +40,7 @@ from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
 from dragontrainer.optim.schedules import LrFactor, create_schedule
 from dragontrainer.recipe import MonitorSpec, Recipe, RegularizeSpec
-from dragontrainer.run import RunDir, atomic_write_json
+from dragontrainer.run import RunDir
 from dragontrainer.train.callbacks import Callback, EarlyStopping, ReduceOnPlateau
 from dragontrainer.train.checkpoint import (
     checkpoint_folder,
@@ -490,8 +490,6 @@ def create_monitor(
         return None
     from safetensors.torch import load_file, save
 
-    from dragontrainer.run import atomic_write_bytes
-
     train = data.train
     device = train.x.device
     count = min(recipe.monitor.probe_size, train.num_images)
@@ -513,7 +511,7 @@ def create_monitor(
     )  # fmt: skip
     if initial is None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in watched_parameters(model).items()}
-        atomic_write_bytes(init_file, save(tensors))
+        run.write_bytes(init_file.name, save(tensors))
     if not resume:  # a fresh start (also after a kill before the first checkpoint): a fresh file
         run.keep_stats_through(-1)
         run.append_stats([monitor.probe_record(data.num_classes, train.y[index])])
@@ -561,9 +559,7 @@ def fit(
     )
     weights = class_weights(recipe.train.class_weights, data.images.y[data.split.train], data.num_classes)
     # data.json is what eval/predict need without reloading the data, the loss weights included
-    atomic_write_json(
-        run.file("data.json"), {**data.info(), "class_weights": None if weights is None else weights.tolist()}
-    )
+    run.write_json("data.json", {**data.info(), "class_weights": None if weights is None else weights.tolist()})
     criterion = nn.CrossEntropyLoss(
         weight=None if weights is None else weights.to(device), label_smoothing=recipe.train.label_smoothing
     )
@@ -645,7 +641,7 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         stop_reason=state.stop_reason,
         history=history,
     )
-    atomic_write_json(loop.run.file("result.json"), result.summary())
+    loop.run.write_json("result.json", result.summary())
     if recipe.monitor.report:
         result.findings = report_run(loop.run, loop.console or Console(stderr=True, quiet=True))
     return result
@@ -695,8 +691,6 @@ def save_augmented_samples(run: RunDir, data: PreparedData, augment: Augmenter, 
     training RNG streams are untouched)."""
     from safetensors.torch import save
 
-    from dragontrainer.run import atomic_write_bytes
-
     x, y = next(data.train.batches(epoch=0))
     x, y = x[:count], y[:count]
     generator = torch.Generator(x.device).manual_seed(seed + 7)
@@ -704,13 +698,11 @@ def save_augmented_samples(run: RunDir, data: PreparedData, augment: Augmenter, 
     pixels, _ = augment(x.float().div(255.0), y, generator)
     restore_rng(saved, generator)
     images = pixels.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().contiguous()
-    atomic_write_bytes(run.file("augment_samples.safetensors"), save({"images": images, "labels": y.cpu()}))
+    run.write_bytes("augment_samples.safetensors", save({"images": images, "labels": y.cpu()}))
 
 
 def save_preprocessor(run: RunDir, preprocessor: Preprocessor) -> None:
     from safetensors.torch import save
 
-    from dragontrainer.run import atomic_write_bytes
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in preprocessor.state_dict().items()}
-    atomic_write_bytes(run.file("preprocess.safetensors"), save(tensors))
+    run.write_bytes("preprocess.safetensors", save(tensors))
