@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+MAX_MESSAGE = 1000  # a message quoting a huge value must still be one readable line
+
+
+def shorten(text: object, limit: int = 200) -> str:
+    """At most `limit` characters of a user's value in a message, with how much was left out."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
 
 class DragonError(Exception):
     """Any problem the user can fix: bad recipe, bad data, missing run folder.
 
-    The message is always one line (texts quoted from libraries may carry newlines).
+    The message is always one line (texts quoted from libraries may carry newlines) of bounded length.
     """
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(shorten(" ".join(str(message).split()), MAX_MESSAGE))
 
 
 class RecipeError(DragonError):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dragontrainer.errors import RecipeError
+from dragontrainer.errors import RecipeError, shorten
 
 
 class Section(BaseModel):
@@ -511,15 +511,90 @@ class Recipe(Section):
 # ------------------------------------------------------------------------- helpers
 
 
+MAX_YAML_NODES = 20_000  # a recipe has a few hundred; alias expansion beyond this is a YAML bomb
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two refusals: duplicate keys (YAML silently keeps the last) and
+    documents whose alias expansion exceeds MAX_YAML_NODES (billion laughs), checked on the composed
+    node graph before anything is constructed."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in lines:
+                raise RecipeError(
+                    f"duplicate key {shorten(key, 80)!r} (lines {lines[key]} and {key_node.start_mark.line + 1}); "
+                    "keep one"
+                )
+            if isinstance(key, (str, int, float, bool)):
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def expanded_size(node: yaml.Node) -> int:
+    """Nodes after alias expansion, computed on the graph (shared nodes counted per use) without expanding;
+    a recursive alias is refused."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(current: yaml.Node) -> int:
+        key = id(current)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:
+            raise RecipeError("a YAML alias refers to itself (recursive structures are not recipes)")
+        in_progress.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(current, yaml.SequenceNode):
+            children = current.value
+        elif isinstance(current, yaml.MappingNode):
+            children = [n for pair in current.value for n in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_NODES:
+                break
+        in_progress.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one YAML document safely: bounded size after aliases, no duplicate keys, no tags beyond safe."""
+    loader = RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if expanded_size(node) > MAX_YAML_NODES:
+            raise RecipeError(
+                f"the document expands to more than {MAX_YAML_NODES:,} values through aliases (&anchor/*alias); "
+                "write the recipe out plainly"
+            )
+        return loader.construct_document(node)
+    except RecursionError:
+        raise RecipeError("the YAML is nested too deeply to be a recipe") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Read a YAML recipe file; a missing file, bad YAML or a non-mapping is a RecipeError."""
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         reason = str(exc).splitlines()[0]
         raise RecipeError(f"{path}: not valid YAML ({reason})") from None
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -533,11 +608,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     """``"optim.lr=0.05"`` -> ``("optim.lr", 0.05)``; the value is read as YAML (numbers, lists, null)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(f"override {item!r}: expected dotted.key=value, e.g. optim.lr=0.05")
+        raise RecipeError(f"override {shorten(item)!r}: expected dotted.key=value, e.g. optim.lr=0.05")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecipeError as exc:
+        raise RecipeError(f"override {shorten(key.strip(), 80)}: {exc}") from None
     return key.strip(), value
 
 
@@ -580,12 +657,12 @@ def check_known_keys(data: Mapping[str, Any], prefix: str = "") -> None:
 
 
 def unknown_key_message(dotted: str, known: Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(dotted, list(known), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(dotted[:200], list(known), n=1, cutoff=0.6)
     if close:
-        return f"unknown key {dotted}, did you mean {close[0]}?"
+        return f"unknown key {shorten(dotted, 100)}, did you mean {close[0]}?"
     section = dotted.rpartition(".")[0]
-    siblings = [k for k in known if k.rpartition(".")[0] == section]
-    return f"unknown key {dotted}; valid keys here: {', '.join(siblings)}"
+    siblings = [k for k in known if k.rpartition(".")[0] == section] or [k for k in known if "." not in k]
+    return f"unknown key {shorten(dotted, 100)}; valid keys here: {', '.join(siblings)}"
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -598,6 +675,6 @@ def describe_validation_error(exc: ValidationError) -> str:
         where = f"recipe field {loc}" if loc else "recipe"
         shown = error.get("input")
         already_named = "got" in message or repr(shown) in message
-        got = "" if isinstance(shown, dict) or already_named else f", got {shown!r}"
-        parts.append(f"{where}: {message}{got}")
+        got = "" if isinstance(shown, dict) or already_named else f", got {shorten(repr(shown))}"
+        parts.append(f"{where}: {shorten(message, 300)}{got}")
     return "; ".join(parts)

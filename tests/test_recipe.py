@@ -98,3 +98,50 @@ def test_yaml_on_off_words_are_kept_as_switch_values() -> None:
     recipe = Recipe.load(overrides=["train.amp=on", "monitor.tensorboard=off"])
     assert recipe.train.amp == "on" and recipe.monitor.tensorboard == "off"
     assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+def billion_laughs(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_in_well_under_a_second(tmp_path: Path) -> None:
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(billion_laughs())
+    started = time.perf_counter()
+    with pytest.raises(RecipeError, match="expands to more than 20,000 values through aliases"):
+        Recipe.load(path)
+    assert time.perf_counter() - started < 1.0
+    with pytest.raises(RecipeError, match="expands to more than"):
+        Recipe.load(overrides=["model.widths=" + billion_laughs(6).replace("\n", ", ").join("{}")])
+
+
+def test_small_aliases_still_work_and_recursive_or_deep_yaml_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  widths: &w [8, 16]\n  name: vgg\n")
+    assert Recipe.load(path).model.widths == [8, 16]
+    path.write_text("a: &a [*a]\n")
+    with pytest.raises(RecipeError, match="refers to itself"):
+        Recipe.load(path)
+    path.write_text("x: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        Recipe.load(path)
+
+
+def test_duplicate_keys_name_the_key_and_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.2\n")
+    with pytest.raises(RecipeError, match=r"d.yaml: duplicate key 'lr' \(lines 2 and 4\)"):
+        Recipe.load(path)
+
+
+@pytest.mark.parametrize("item", ["optim.lr=" + "x" * 5000, "y" * 5000 + "=1", "model.widths=[" + "0," * 3000 + "]"])
+def test_messages_never_echo_more_than_about_200_characters_of_a_value(item: str) -> None:
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(overrides=[item])
+    message = str(caught.value)
+    assert len(message) < 700 and "more characters" in message
