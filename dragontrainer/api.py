@@ -139,21 +139,6 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
     )  # fmt: skip
 
 
-def guess_source(path: Path) -> str:
-    """The data source a path looks like: .npz file, IDX files, CIFAR batches, or class folders."""
-    if path.is_file():
-        if path.suffix == ".npz":
-            return "npz"
-        raise DataError(f"{path}: cannot tell the data format; pass --source (npz, image-folder, cifar, mnist-idx)")
-    names = [p.name for p in path.iterdir()] if path.is_dir() else []
-    if any("idx3" in n for n in names):
-        return "mnist-idx"
-    cifar_marks = {"data_batch_1", "data_batch_1.bin", "train.bin", "batches.meta", "meta", "test_batch"}
-    if cifar_marks & set(names) or any(n.startswith("cifar") for n in names):
-        return "cifar"
-    return "image-folder"
-
-
 def evaluate_run(
     run_dir: str | Path, data: str | Path | None = None, *, source: str | None = None, part: str = "all"
 ) -> dict[str, Any]:
@@ -170,7 +155,7 @@ def evaluate_run(
     path = Path(data)
     channels, size, _ = loaded.image_shape
     spec = loaded.recipe.data.model_copy(
-        update={"source": source or guess_source(path), "path": path, "part": part, "image_size": size,
+        update={"source": source or "auto", "path": path, "part": part, "image_size": size,
                 "color": "gray" if channels == 1 else "rgb", "class_names": None}
     )  # fmt: skip
     images = load_images(spec)

@@ -6,14 +6,16 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dragontrainer.console import printable, text
 from dragontrainer.errors import DragonError, RecipeError
 
 USAGE_ERROR = 2
@@ -21,10 +23,29 @@ USAGE_ERROR = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come anywhere on the line, also after flags (`train --json train.epochs=6`)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "items")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.items = [*args.items, *extra]
     if args.command is None:
         parser.print_help()
         return USAGE_ERROR
+    with warnings.catch_warnings(record=True) as caught:
+        # a library's warning (torch, Pillow) must never come before our error line: held until the end
+        warnings.simplefilter("default")
+        code = run_handler(args)
+    if code in (0, 1) and caught:
+        for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
+            print(f"dragon: note: a library warned: {printable(' '.join(message.split()))[:300]}", file=sys.stderr)
+    return code
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """The command, with the one-line error policy: bad input (DragonError) exit 2; running out of
+    memory exit 2 with what to change; anything else is a bug: `internal error`, exit 1."""
     try:
         return args.handler(args)
     except DragonError as exc:
@@ -32,11 +53,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         return USAGE_ERROR
+    except MemoryError:
+        if args.debug:
+            raise
+        print(
+            "dragon: error: out of memory; use smaller images (data.image_size), a smaller model (model.widths) "
+            "or a smaller batch (train.batch_size)",
+            file=sys.stderr,
+        )
+        return USAGE_ERROR
     except Exception as exc:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
         print(
-            f"dragon: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            f"dragon: internal error: {type(exc).__name__}: {printable(exc)[:500]} "
+            "(rerun with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1
@@ -45,11 +76,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with our error form: one line `dragon: error: ...`, exit 2, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        where = "" if self.prog == "dragon" else f"{self.prog.removeprefix('dragon ')}: "
+        self.exit(USAGE_ERROR, f"dragon: error: {where}{message}\n")
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value[:50]!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dragon", description="Train CNNs with the folklore built in.")
+    parser = Parser(prog="dragon", description="Train CNNs with the folklore built in.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.set_defaults(command=None, debug=False)
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
     def command(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -79,13 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", cmd_predict, "class and probability for each image file")
     p.add_argument("run_dir", metavar="RUN")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--top", type=int, default=3, help="how many classes to list per image")
+    p.add_argument("--top", type=positive_int, default=3, help="how many classes to list per image")
     p.add_argument("--json", action="store_true")
 
     p = command("compare", cmd_compare, "the same recipe once per value: dragon compare [recipe.yaml] KEY=v1,v2 ...")
     p.add_argument("items", nargs="*", metavar="recipe.yaml | KEY=v1,v2,... | key=value")
     p.add_argument("--resume", metavar="DIR", help="continue the comparison in DIR (as recorded in DIR/compare.json)")
-    p.add_argument("--seeds", type=int, default=1, help="runs per value, with seeds seed, seed+1, ...")
+    p.add_argument("--seeds", type=positive_int, default=1, help="runs per value, with seeds seed, seed+1, ...")
     p.add_argument("--out", help="comparison folder (default compare/<keys>-<hash>: the same command continues it)")
     p.add_argument("--target", type=float, default=0.95, help="accuracy for the 'epochs to target' column")
     p.add_argument("--zip", action="store_true", help="pair the i-th values of every key instead of all combinations")
@@ -197,7 +246,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     else:
         for p in predictions:
-            print(f"{p.file}\t{p.label}\t{p.probability:.4f}")
+            print(f"{printable(p.file)}\t{printable(p.label)}\t{p.probability:.4f}")
     return 0
 
 
@@ -213,7 +262,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         marks = {"pass": "[green]✓ pass[/]", "warn": "[yellow]! warn[/]", "fail": "[red]✗ fail[/]"}
         console = Console(highlight=False)
         for check in report.checks:
-            console.print(f"{marks[check.status]}  [bold]{check.name}[/]: {check.message}", soft_wrap=True)
+            console.print(f"{marks[check.status]}  [bold]{check.name}[/]: {text(check.message)}", soft_wrap=True)
         verdict = "[red]failed[/]" if report.failed else "[green]ready to train[/]"
         console.print(f"{verdict} ({report.seconds:.1f} s)")
     return 1 if report.failed else 0
@@ -229,7 +278,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     console = Console(highlight=False)
     print_findings(console, findings, with_info=True)
-    console.print(f"report: {escape(str(page))}")
+    console.print(f"report: {text(page)}")
     return 0
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dragontrainer.console import text
 from dragontrainer.errors import RecipeError, RunError
 from dragontrainer.recipe import Recipe, parse_override
 from dragontrainer.run import (
@@ -423,5 +424,5 @@ def print_table(rows: list[RunRow], console: Any) -> None:
     table = Table(*HEADERS)
     table.columns[0].overflow = "fold"  # labels wrap instead of being cut at narrow widths
     for row in table_rows(aggregate(rows)):
-        table.add_row(*row)
+        table.add_row(*map(text, row))
     console.print(table)

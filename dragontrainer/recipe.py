@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dragontrainer.errors import RecipeError, shorten
 
 
+MAX_SEED = 2**31 - 1  # every RNG accepts it, with room for the offsets runs add (seed + 1, seed·1,000,003 + step)
+
+
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, assignments are validated."""
 
@@ -41,7 +44,7 @@ def _check_registered(kind: str, name: str) -> str:
 class DataSpec(Section):
     """Where the images come from and how they are split."""
 
-    source: str = "digits"  # registry name: digits | npz | image-folder | cifar | mnist-idx
+    source: str = "auto"  # auto: inferred from `path` (no path: digits); digits, npz, image-folder, cifar, mnist-idx
     path: Path | None = None  # file or folder, for every source but the embedded digits
     part: Literal["train", "test", "all"] = "train"  # official part of MNIST / CIFAR files to load
     image_size: int | None = Field(None, ge=1, le=4096)  # resize every image to S×S pixels
@@ -51,7 +54,7 @@ class DataSpec(Section):
     max_image_pixels: int = Field(89_478_485, ge=1)  # refuse larger images (decompression bombs)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # stratified validation split
     test_fraction: float = Field(0.0, ge=0, lt=1)  # optional held-out test split, scored at the end
-    split_seed: int = 0  # the split stays fixed when only `seed` changes
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)  # the split stays fixed when only `seed` changes
 
     @field_validator("source")
     @classmethod
@@ -452,7 +455,7 @@ class RunSpec(Section):
 class Recipe(Section):
     """Everything a training run needs; the resolved recipe is saved in every run folder."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataSpec = DataSpec()
     preprocess: PreprocessSpec = PreprocessSpec()
     augment: AugmentSpec = AugmentSpec()

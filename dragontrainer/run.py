@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dragontrainer.console import printable
 from dragontrainer.errors import RunError
 from dragontrainer.recipe import Recipe
 
@@ -47,7 +48,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8 text; a name that was not UTF-8 on disk (surrogate escapes) is written escaped, as \\xNN."""
+    atomic_write_bytes(path, printable(text).encode("utf-8"))
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -136,7 +138,7 @@ class RunDir:
         return path
 
     def write_text(self, name: str, text: str) -> Path:
-        return self.write_bytes(name, text.encode("utf-8"))
+        return self.write_bytes(name, printable(text).encode("utf-8"))
 
     def write_json(self, name: str, value: Any) -> Path:
         return self.write_text(name, json.dumps(value, indent=2) + "\n")
@@ -290,7 +292,8 @@ def unique_path(path: Path) -> Path:
 
 def default_name(recipe: Recipe) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{recipe.model.name}-{recipe.data.source}"
+    data = recipe.data.source if recipe.data.source != "auto" else (recipe.data.path or Path("digits")).stem
+    return f"{stamp}-{recipe.model.name}-{data}"
 
 
 def provenance() -> dict[str, Any]:

@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.markup import escape
 from torch import nn
 
+from dragontrainer.console import text
 from dragontrainer.data.augment import Augmenter, create_augmenter, flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet, load_images
 from dragontrainer.data.split import Split, stratified_split
-from dragontrainer.errors import RecipeError
+from dragontrainer.errors import DataError, RecipeError
 from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_parameters
 from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboard
 from dragontrainer.nn.init import lsuv_rescale
@@ -40,6 +40,7 @@ from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
 from dragontrainer.optim.schedules import LrFactor, create_schedule
 from dragontrainer.recipe import MonitorSpec, Recipe, RegularizeSpec
+from dragontrainer.resources import check_model_fits
 from dragontrainer.run import RunDir
 from dragontrainer.train.callbacks import Callback, EarlyStopping, ReduceOnPlateau
 from dragontrainer.train.checkpoint import (
@@ -165,6 +166,9 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
     images = load_images(recipe.data)
+    if len(np.unique(images.y)) < 2:
+        raise DataError(f"{recipe.data.path or recipe.data.source}: every image has the same label; "
+                        "a classifier needs at least two classes")  # fmt: skip
     split = stratified_split(images.y, recipe.data.val_fraction, recipe.data.test_fraction, recipe.data.split_seed)
     x = torch.from_numpy(images.x)
     y = torch.from_numpy(images.y)
@@ -244,6 +248,7 @@ def stop_requests() -> Iterator[list[int]]:
 
 
 CHECK_EVERY = 50  # steps between divergence checks (each one a device sync)
+MAX_CONFUSION_CLASSES = 1000
 
 
 @dataclass
@@ -437,7 +442,9 @@ class Loop:
 
     def end_epoch(self, state: TrainState, meter: EpochMeter, stopper: EarlyStopping) -> dict[str, Any]:
         """Evaluate, log both splits, let callbacks decide, write `best` and `last`."""
-        val = self.evaluate(self.data.val, confusion=self.monitor is not None)
+        # the confusion matrix is C×C: skipped for very many classes (it would dwarf the model)
+        wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
+        val = self.evaluate(self.data.val, confusion=wanted)
         confusion = val.pop("confusion", None)
         epoch = state.epoch + 1
         train_record = {
@@ -542,10 +549,12 @@ def fit(
     )
     if recipe.monitor.report and not resume:
         save_augmented_samples(run, data, augment, recipe.seed)
+    check_model_fits(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size,
+                     batch_size=recipe.train.batch_size, device=device)  # fmt: skip
     model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
     if recipe.model.weights is not None and not resume:
         loaded = load_pretrained(model, recipe.model.weights)
-        console.print(f"weights from {recipe.model.weights}: {loaded.describe()}")
+        console.print(f"weights from {text(recipe.model.weights)}: {text(loaded.describe())}")
     elif recipe.model.init == "lsuv":
         first_batch, _ = next(data.train.batches(epoch=0))
         lsuv_rescale(model, data.preprocessor.apply(first_batch))
@@ -580,12 +589,15 @@ def fit(
     elif recipe.monitor.on_nan == "rollback":
         loop.save_last(state, meter)  # something to roll back to from the first epoch
     console.print(
-        f"[bold]dragon[/] {run.path}  device {device}  data {recipe.data.source}: {data.info()['num_train']} train / "
+        f"[bold]dragon[/] {text(run.path)}  device {device}  data {text(recipe.data.source)}: "
+        f"{data.info()['num_train']} train / "
         f"{data.info()['num_val']} val / {data.info()['num_test']} test, {data.num_classes} classes, "
         f"{'×'.join(map(str, data.images.image_shape))}\n"
         f"model {recipe.model.name} {count_parameters(model):,} params  optim {recipe.optim.name} lr {lr:g} "
         f"({'; '.join(map(str, group_summary))})  augment {augment.describe()}"
     )
+    for note in data.images.notes:
+        console.print(f"[yellow]note:[/] {text(note)}")
     for callback in loop.callbacks:
         callback.on_fit_start(state, {})
     with (
@@ -656,10 +668,10 @@ def report_run(run: RunDir, console: Console) -> list[dict[str, Any]]:
     try:
         page, findings = write_report(run.path)
     except Exception as exc:
-        console.print(f"[yellow]the report could not be written: {type(exc).__name__}: {exc}[/]")
+        console.print(f"[yellow]the report could not be written: {type(exc).__name__}: {text(exc)}[/]")
         return []
     print_findings(console, findings, with_info=False)
-    console.print(f"report: {escape(str(page))}")
+    console.print(f"report: {text(page)}")
     return [f.to_dict() for f in findings]
 
 

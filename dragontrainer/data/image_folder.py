@@ -1,0 +1,146 @@
+"""The image-folder source: one sub-folder per class of PNG/JPEG/... files, decoded with Pillow.
+
+Files whose suffix is not an image suffix (README.txt, .DS_Store, Thumbs.db) are skipped and counted;
+a file that claims to be an image and is not is an error — and every such problem of the folder is
+reported at once (up to MAX_PROBLEMS), not one per run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from dragontrainer.data.sources import IMAGE_SUFFIXES, SOURCES, ImageSet
+from dragontrainer.errors import DataError
+from dragontrainer.recipe import DataSpec
+from dragontrainer.resources import array_bytes, check_fits
+
+MAX_PROBLEMS = 10
+HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+@SOURCES.register("image-folder")
+def image_folder(spec: DataSpec) -> ImageSet:
+    """One sub-folder per class of PNG/JPEG/... files, decoded with Pillow, resized to data.image_size."""
+    root = spec.path
+    assert root is not None
+    if not root.is_dir():
+        raise DataError(f"{root}: image-folder expects a folder with one sub-folder per class")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class sub-folders found (expected {root}/<class>/<image>.png)")
+    files, labels, skipped, problems = [], [], [], []
+    for label, class_dir in enumerate(class_dirs):
+        members = sorted(p for p in class_dir.iterdir() if p.is_file())
+        images = [p for p in members if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("._")]
+        skipped += [p for p in members if p not in images]
+        if not images:
+            problems.append(f"{class_dir}: class folder has no image files")
+        files += images
+        labels += [label] * len(images)
+    if files and spec.image_size is not None:
+        check_fits(array_bytes((len(files), 3, spec.image_size, spec.image_size), 1), f"{len(files):,} images")
+    decoded = decode_all(files, spec, problems)
+    if problems:
+        raise_problems(root, problems)
+    arrays = [a for a, _ in decoded]
+    check_same_size(arrays, files)
+    x = np.stack(arrays).transpose(0, 3, 1, 2)
+    if all(is_gray for _, is_gray in decoded):
+        x = x[:, :1]  # decoded to RGB, but every file was gray: the three channels are equal
+    notes = []
+    if skipped:
+        names = ", ".join(sorted({p.name for p in skipped})[:5])
+        notes.append(f"{root}: skipped {len(skipped)} file(s) that are not images ({names})")
+    return ImageSet(x, np.array(labels, dtype=np.int64), [d.name for d in class_dirs], notes=notes)
+
+
+def decode_all(files: Sequence[Path], spec: DataSpec, problems: list[str]) -> list[tuple[np.ndarray, bool]]:
+    """Decode every file (4 threads: Pillow releases the GIL); problems are collected, not raised one by one.
+    The first image's size bounds the memory the whole folder needs, checked before decoding the rest."""
+    if not files:
+        return []
+
+    def attempt(path: Path) -> tuple[np.ndarray, bool] | None:
+        try:
+            return decode_image(path, spec)
+        except DataError as exc:
+            problems.append(str(exc))
+            return None
+
+    first = attempt(files[0])
+    if first is not None:
+        check_fits(
+            first[0].nbytes * len(files) * 2, f"{len(files):,} images of {first[0].shape[1]}×{first[0].shape[0]}"
+        )
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        rest = list(pool.map(attempt, files[1:]))
+    return [d for d in [first, *rest] if d is not None]
+
+
+def raise_problems(root: Path, problems: list[str]) -> None:
+    problems.sort()  # decoded by threads: a stable order
+    shown = "; ".join(problems[:MAX_PROBLEMS])
+    more = f"; and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    raise DataError(f"{root}: {len(problems)} problems: {shown}{more}")
+
+
+def decode_image(path: Path, spec: DataSpec) -> tuple[np.ndarray, bool]:
+    """Decode one file to an H×W×3 uint8 array (+ whether it was gray); resize if asked.
+    16-bit and float images are scaled to 8 bits (not clipped at 255)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # e.g. palette transparency: harmless here
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > spec.max_image_pixels:
+                    raise DataError(
+                        f"{path}: image has {width * height:,} pixels, above data.max_image_pixels "
+                        f"({spec.max_image_pixels:,})"
+                    )
+                if width == 0 or height == 0:
+                    raise DataError(f"{path}: image has no pixels ({width}×{height})")
+                is_gray = image.mode in ("1", "L", "LA", *HIGH_BIT_MODES)
+                image = to_eight_bit(image) if image.mode in HIGH_BIT_MODES else image
+                image = image.convert("RGB")
+                if spec.image_size is not None:
+                    image = image.resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR)
+                return np.asarray(image, dtype=np.uint8), is_gray
+    except DataError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as exc:
+        raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def to_eight_bit(image: object) -> object:
+    """A 16-bit (or 32-bit integer / float) gray image as 8-bit 'L', scaled by its format's range."""
+    from PIL import Image
+
+    values = np.asarray(image)
+    if image.mode == "F":  # type: ignore[attr-defined]
+        scaled = values * 255.0 if values.size and np.nanmax(values) <= 1.0 else values
+    else:
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0  # type: ignore[attr-defined]
+        scaled = values.astype(np.float64) * (255.0 / top)
+    return Image.fromarray(np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8), mode="L")
+
+
+def check_same_size(arrays: Sequence[np.ndarray], files: Sequence[Path]) -> None:
+    first = arrays[0].shape[:2]
+    for array, path in zip(arrays, files, strict=True):
+        if array.shape[:2] != first:
+            raise DataError(
+                f"{path}: image is {array.shape[1]}×{array.shape[0]} but {files[0]} is "
+                f"{first[1]}×{first[0]}; set data.image_size=S to resize all images to S×S"
+            )
