@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dragontrainer.errors import RecipeError, shorten
 
-
 MAX_SEED = 2**31 - 1  # every RNG accepts it, with room for the offsets runs add (seed + 1, seed·1,000,003 + step)
 
 

@@ -43,8 +43,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>") for p in folder.rglob("*")}
 
 
-USER_FILES = ["data.json", "provenance.json", "stats.jsonl", "report.html", "result.json", "metrics.jsonl",
-              "preprocess.safetensors", "init.safetensors", ".lock", "checkpoints/last/state.json", "notes.txt"]  # fmt: skip
+USER_FILES = [
+    "data.json", "provenance.json", "stats.jsonl", "report.html", "result.json", "metrics.jsonl",
+    "preprocess.safetensors", "init.safetensors", ".lock", "checkpoints/last/state.json", "notes.txt",
+]  # fmt: skip
 
 
 def user_folder(root: Path, names: list[str] = USER_FILES) -> Path:
@@ -107,5 +109,6 @@ def test_resume_removes_stale_temporaries_of_its_own_scheme_only(tmp_path: Path)
     kept = [run.checkpoints / "last.tmp", run.path / "notes.tmp", run.checkpoints / ".last.old"]
     kept[0].write_text("x"), kept[1].write_text("y"), kept[2].mkdir()
     removed = run.remove_stale_temporaries()
-    assert sorted(p.name for p in removed) == sorted([".last.ab12_xyz.tmp", ".best.0a1b2c3d.tmp", ".data.json.k2j4h5g6.tmp"])
+    expected = [".last.ab12_xyz.tmp", ".best.0a1b2c3d.tmp", ".data.json.k2j4h5g6.tmp"]
+    assert sorted(p.name for p in removed) == sorted(expected)
     assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
