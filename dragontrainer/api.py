@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
 from torch import nn
 
 from dragontrainer.data.augment import flip_averaged_logits
@@ -27,6 +25,7 @@ from dragontrainer.errors import DataError, RunError
 from dragontrainer.nn.models import create_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir
+from dragontrainer.run_files import DataInfo, read_json, read_tensors
 from dragontrainer.train.callbacks import Callback
 from dragontrainer.train.checkpoint import checkpoint_folder, load_model_weights
 from dragontrainer.train.loop import (
@@ -121,7 +120,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
     info_path = run.file("data.json")
     if not info_path.is_file():
         raise RunError(f"{run.path}: the run never started training (no data.json)")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info = read_json(info_path, DataInfo).model_dump()
     folder = next((f for f in (run.checkpoints / "best", run.checkpoints / "last") if checkpoint_folder(f)), None)
     if folder is None:
         raise RunError(f"{run.path}: no checkpoint yet (neither best nor last)")
@@ -132,7 +131,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
     load_model_weights(folder, model)
     model.eval()
     preprocessor = create_preprocessor(recipe.preprocess)
-    preprocessor.load_state_dict(load_file(str(run.file("preprocess.safetensors"))))
+    preprocessor.load_state_dict(read_tensors(run.file("preprocess.safetensors")))
     return LoadedRun(
         run, recipe, model, preprocessor, info["classes"], tuple(info["image_shape"]), torch_device,
         info.get("class_weights"),

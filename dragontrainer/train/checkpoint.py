@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from dragontrainer.errors import RunError
+from dragontrainer.errors import RunError, shorten
 from dragontrainer.run import fsync_dir
+from dragontrainer.run_files import CheckpointState, read_json, read_tensors
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -73,10 +73,8 @@ def load_state(folder: Path) -> dict[str, Any]:
     found = checkpoint_folder(folder)
     if found is None:
         raise RunError(f"{folder}: no checkpoint here")
-    try:
-        return json.loads((found / STATE_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{found / STATE_FILE}: unreadable checkpoint state ({exc})") from None
+    read_json(found / STATE_FILE, CheckpointState)  # validated: a bad file is one line naming it
+    return json.loads((found / STATE_FILE).read_text(encoding="utf-8"))
 
 
 def load_model_weights(folder: Path, model: torch.nn.Module) -> None:
@@ -97,7 +95,12 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, structure: di
     found = checkpoint_folder(folder)
     assert found is not None
     tensors = _load_tensors(found / OPTIMIZER_FILE)
-    optimizer.load_state_dict(join_optimizer_state(tensors, structure))
+    try:
+        optimizer.load_state_dict(join_optimizer_state(tensors, structure))
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
+        raise RunError(
+            f"{found}: the optimiser state does not fit the recipe's optimiser ({shorten(exc, 120)})"
+        ) from None
 
 
 def split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -129,10 +132,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise RunError(f"{path}: unreadable safetensors file ({exc})") from None
+    return read_tensors(path)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -29,7 +29,7 @@ from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet, load_images
 from dragontrainer.data.split import Split, stratified_split
-from dragontrainer.errors import DataError, RecipeError
+from dragontrainer.errors import DataError, RecipeError, RunError
 from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_parameters
 from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboard
 from dragontrainer.nn.init import lsuv_rescale
@@ -42,6 +42,7 @@ from dragontrainer.optim.schedules import LrFactor, create_schedule
 from dragontrainer.recipe import MonitorSpec, Recipe, RegularizeSpec
 from dragontrainer.resources import check_model_fits
 from dragontrainer.run import RunDir
+from dragontrainer.run_files import read_tensors
 from dragontrainer.train.callbacks import Callback, EarlyStopping, ReduceOnPlateau
 from dragontrainer.train.checkpoint import (
     checkpoint_folder,
@@ -305,7 +306,12 @@ class Loop:
         for callback in self.callbacks:
             if type(callback).__name__ in saved["callbacks"]:
                 callback.load_state_dict(saved["callbacks"][type(callback).__name__])
-        restore_rng(saved["rng"], self.augment_generator)
+        try:
+            restore_rng(saved["rng"], self.augment_generator)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise RunError(
+                f"{folder}/state.json: the random-number state is not valid ({type(exc).__name__})"
+            ) from None
         self.run.keep_metrics_through(state.epoch)
         self.run.keep_stats_through(state.global_step)
 
@@ -495,7 +501,7 @@ def create_monitor(
     weights (saved in init.safetensors so a resumed run still measures the distance from them)."""
     if not recipe.monitor.enabled:
         return None
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     train = data.train
     device = train.x.device
@@ -511,7 +517,7 @@ def create_monitor(
     init_file = run.file("init.safetensors")
     initial = None
     if resume and init_file.exists():
-        initial = {k: v.to(device) for k, v in load_file(init_file).items()}
+        initial = {k: v.to(device) for k, v in read_tensors(init_file).items()}
     monitor = Monitor(
         model, recipe.monitor, steps_per_epoch=steps_per_epoch, probe=probe, noise_batch=noise_batch,
         criterion=criterion, initial=initial,
