@@ -5,6 +5,7 @@ from dragontrainer.compare import compare
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.recipe import Recipe
 from dragontrainer.train.loop import TrainResult
+from dragontrainer.version import __version__
 
 __all__ = [
     "DataError",
@@ -13,6 +14,7 @@ __all__ = [
     "RecipeError",
     "RunError",
     "TrainResult",
+    "__version__",
     "compare",
     "doctor",
     "evaluate_run",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         return USAGE_ERROR
+    except BrokenPipeError:  # `dragon components | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush either
+        return 0
     except Exception as exc:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
@@ -48,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dragon", description="Train CNNs with the folklore built in.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"dragon {version_string()}")
     parser.set_defaults(command=None, debug=False)
     sub = parser.add_subparsers(dest="command")
 
@@ -99,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN")
     p.add_argument("--json", action="store_true", help="print the findings as one JSON line")
 
-    p = command("components", cmd_components, "list every registered component by kind")
+    p = command("components", cmd_components, "list every registered component by kind, one line each")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="the full description of each component")
     p.add_argument("--markdown", action="store_true", help="the README catalogue section")
     return parser
 
@@ -265,12 +271,32 @@ def cmd_components(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(components, indent=2))
         return 0
-    table = Table("kind", "name", "what it does")
+    if args.verbose:
+        table = Table("kind", "name", "what it does")
+        for kind, entries in components.items():
+            for name, description in entries.items():
+                table.add_row(kind, name, escape(description))
+        Console().print(table)
+        return 0
+    kind_width = max(map(len, components))
+    name_width = max(len(name) for entries in components.values() for name in entries)
     for kind, entries in components.items():
         for name, description in entries.items():
-            table.add_row(kind, name, escape(description))
-    Console().print(table)
+            print(f"{kind:<{kind_width}}  {name:<{name_width}}  {short_description(description)}")
     return 0
+
+
+def short_description(description: str, limit: int = 80) -> str:
+    """The description clipped at a word to `limit` characters: one line per component."""
+    if len(description) <= limit:
+        return description
+    return description[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:(") + "…"
+
+
+def version_string() -> str:
+    from dragontrainer.version import __version__
+
+    return __version__
 
 
 if __name__ == "__main__":

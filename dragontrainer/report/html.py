@@ -180,6 +180,17 @@ def write_report(path: str | Path) -> tuple[Path, list[Finding]]:
     records = RunRecords.load(run_dir.path)
     findings = diagnose(records)
     atomic_write_json(run_dir.file("findings.json"), [f.to_dict() for f in findings])
+    sync_result_findings(run_dir, findings)
     page = run_dir.file("report.html")
     atomic_write_text(page, render(run_dir, records, findings))
     return page, findings
+
+
+def sync_result_findings(run_dir: RunDir, findings: list[Finding]) -> None:
+    """result.json carries the same findings as findings.json (one diagnosis, two places to read it)."""
+    result_file = run_dir.file("result.json")
+    if not result_file.exists():
+        return
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    result["findings"] = [f.to_dict() for f in findings]
+    atomic_write_json(result_file, result)

@@ -642,11 +642,12 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         images_per_second=sum(r["images"] for r in train) / max(sum(r["seconds"] for r in train), 1e-9),
         test_loss=test["loss"] if test else None,
         test_accuracy=test["accuracy"] if test else None,
-        stop_reason=state.stop_reason,
+        # a stop requested at the last epoch stopped nothing: the run completed, so no message
+        stop_reason=state.stop_reason if state.epoch < recipe.train.epochs else None,
         history=history,
     )
     atomic_write_json(loop.run.file("result.json"), result.summary())
-    if recipe.monitor.report:
+    if recipe.monitor.report:  # the report puts its findings into result.json too (findings.json's copy)
         result.findings = report_run(loop.run, loop.console or Console(stderr=True, quiet=True))
     return result
 
