@@ -447,6 +447,10 @@ class MonitorSpec(Section):
     tensorboard: Literal["auto", "on", "off"] = "auto"  # auto: scalars for TensorBoard when it is installed
 
     _tensorboard_switch = field_validator("tensorboard", mode="before")(lambda v: yaml_switch(v))
+    mlflow: Literal["auto", "on", "off"] = "auto"  # auto: MLflow tracking when mlflow is installed
+    mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a file store in <run>/mlruns
+
+    _mlflow_switch = field_validator("mlflow", mode="before")(lambda v: yaml_switch(v))
 
 
 class RunSpec(Section):

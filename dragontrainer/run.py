@@ -1,7 +1,7 @@
 """The run folder: paths, atomic writes, JSON-lines appends, a lock, and provenance.
 
 ```
-runs/<name>/recipe.yaml  provenance.json  data.json  preprocess.safetensors  metrics.jsonl  result.json
+runs/<name>/recipe.yaml  provenance.json  data.json  preprocess.safetensors  metrics.jsonl (+ .csv)  result.json
 runs/<name>/checkpoints/{last,best}/{model.safetensors, optimizer.safetensors, state.json}
 ```
 Every file is written atomically (temporary file, flush, fsync, rename), so a killed run never
@@ -211,6 +211,13 @@ class RunDir:
         """Drop lines of epochs after `epoch` (and any torn line): the state a checkpoint matches."""
         kept = [r for r in self.history() if r.get("epoch", 0) <= epoch]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.write_metrics_csv()
+
+    def write_metrics_csv(self) -> None:
+        """metrics.csv, one row per epoch: a view of metrics.jsonl, rewritten whenever that changes."""
+        from dragontrainer.monitor.metrics_csv import write_metrics_csv
+
+        write_metrics_csv(self)
 
     def keep_stats_through(self, step: int) -> None:
         """Drop monitor lines recorded after optimiser step `step` (and any torn line)."""

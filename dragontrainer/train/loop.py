@@ -30,6 +30,7 @@ from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet, load_images
 from dragontrainer.data.split import Split, stratified_split
 from dragontrainer.errors import RecipeError
+from dragontrainer.monitor.mlflow import create_mlflow
 from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_parameters
 from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboard
 from dragontrainer.nn.init import lsuv_rescale
@@ -454,6 +455,7 @@ class Loop:
             self.tensorboard.write_epoch(epoch, logs)
         self.run.append_metrics(train_record)
         self.run.append_metrics(val_record)
+        self.run.write_metrics_csv()
         if stopper.improved:
             state.best_epoch = epoch
             best_state = {"train": {**state.state_dict(), "epoch": epoch}, "metrics": logs}
@@ -570,6 +572,9 @@ def fit(
     stopper = EarlyStopping(recipe.train.early_stopping)
     if recipe.schedule.name == "plateau":
         callbacks = [ReduceOnPlateau(recipe.schedule), *callbacks]
+    tracker = create_mlflow(recipe, run)
+    if tracker is not None:
+        callbacks = [*callbacks, tracker]
     monitor = create_monitor(recipe, run, model, data, criterion, steps_per_epoch, resume=resume)
     loop = Loop(
         run, model, optimizer, lr_factor, criterion, augment,
