@@ -3,6 +3,7 @@
 from dragontrainer.api import doctor, evaluate_run, load_run, predict, report, resume, train
 from dragontrainer.compare import compare
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
+from dragontrainer.export import export_run, load_export
 from dragontrainer.recipe import Recipe
 from dragontrainer.train.loop import TrainResult
 from dragontrainer.version import __version__
@@ -18,6 +19,8 @@ __all__ = [
     "compare",
     "doctor",
     "evaluate_run",
+    "export_run",
+    "load_export",
     "load_run",
     "predict",
     "report",

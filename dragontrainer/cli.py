@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="how many classes to list per image")
     p.add_argument("--json", action="store_true")
 
+    p = command("export", cmd_export, "the run's model with its preprocessing as one file (uint8 images in)")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--out", metavar="FILE", help="output file (default RUN/model.onnx, ...); never overwritten")
+    p.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"],
+                   help="input images N×H×W×C (default, as PIL/NumPy give) or N×C×H×W")  # fmt: skip
+
     p = command("compare", cmd_compare, "the same recipe once per value: dragon compare [recipe.yaml] KEY=v1,v2 ...")
     p.add_argument("items", nargs="+", metavar="recipe.yaml | KEY=v1,v2,... | key=value")
     p.add_argument("--seeds", type=int, default=1, help="runs per value, with seeds seed, seed+1, ...")
@@ -203,6 +210,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         for p in predictions:
             print(f"{p.file}\t{p.label}\t{p.probability:.4f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dragontrainer.export import export_run
+
+    path = export_run(args.run_dir, args.format, args.out, layout=args.layout)
+    print(f"exported {args.format} to {path} (input: uint8 {args.layout.upper()} images; output: class probabilities)")
     return 0
 
 
