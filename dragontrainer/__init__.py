@@ -4,6 +4,7 @@ from dragontrainer.api import doctor, evaluate_run, load_run, predict, report, r
 from dragontrainer.compare import compare
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.export import export_run, load_export
+from dragontrainer.nn.models import register_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.train.loop import TrainResult
 from dragontrainer.version import __version__
@@ -23,6 +24,7 @@ __all__ = [
     "load_export",
     "load_run",
     "predict",
+    "register_model",
     "report",
     "resume",
     "train",

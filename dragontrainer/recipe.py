@@ -292,6 +292,14 @@ class ModelSpec(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
+        if ":" in name:  # package.module:factory, the user's own model (nn/user.py)
+            from dragontrainer.nn.user import import_factory
+
+            try:
+                import_factory(name)
+            except RecipeError as exc:
+                raise ValueError(str(exc).removeprefix(f"model.name={name}: ")) from None
+            return name
         return _check_registered("model", name)
 
     @field_validator("activation")

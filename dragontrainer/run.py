@@ -237,7 +237,8 @@ def unique_path(path: Path) -> Path:
 
 def default_name(recipe: Recipe) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{recipe.model.name}-{recipe.data.source}"
+    model = recipe.model.name.rpartition(":")[2]  # package.module:factory -> factory
+    return f"{stamp}-{model}-{recipe.data.source}"
 
 
 def provenance() -> dict[str, Any]:
