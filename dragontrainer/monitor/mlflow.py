@@ -9,7 +9,9 @@ resumed run continues the same MLflow run instead of starting a second one.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dragontrainer.errors import RecipeError
@@ -52,14 +54,30 @@ class MlflowTracker(Callback):
         self.run_id: str | None = None
         self.logged_through = 0  # the last epoch logged (restored from the checkpoint on resume)
         self._client: Any = None
+        self.failed = False
 
     @property
     def client(self) -> Any:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            if self.tracking_uri.startswith("file:"):
+                # MLflow 3 keeps the file store only on request; a local folder in the run is what we promise
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
+
+    def safely(self, action: str, call: Callable[[], None]) -> None:
+        """Tracking is a view: if MLflow fails, say so once and train on (the run folder has everything)."""
+        if self.failed:
+            return
+        try:
+            call()
+        except Exception as exc:
+            self.failed = True
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            print(f"dragon: MLflow tracking stopped ({action}): {message}; the run folder keeps every metric",
+                  file=sys.stderr)  # fmt: skip
 
     def start(self) -> str:
         from mlflow.entities import Param
@@ -76,11 +94,13 @@ class MlflowTracker(Callback):
         return run_id
 
     def on_epoch_end(self, state: TrainState, logs: Logs) -> None:
+        epoch = state.epoch + 1
+        if epoch > self.logged_through:  # else: logged before a kill; the resumed run recomputed it
+            self.safely("logging metrics", lambda: self.log_epoch(epoch, logs))
+
+    def log_epoch(self, epoch: int, logs: Logs) -> None:
         from mlflow.entities import Metric
 
-        epoch = state.epoch + 1
-        if epoch <= self.logged_through:
-            return  # logged before a kill; the resumed run recomputed the same epoch
         if self.run_id is None:
             self.run_id = self.start()
         stamp = int(time.time() * 1000)
@@ -90,7 +110,8 @@ class MlflowTracker(Callback):
 
     def on_fit_end(self, state: TrainState, logs: Logs) -> None:
         if self.run_id is not None:
-            self.client.set_terminated(self.run_id, "FINISHED")
+            run_id = self.run_id
+            self.safely("ending the run", lambda: self.client.set_terminated(run_id, "FINISHED"))
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "logged_through": self.logged_through}

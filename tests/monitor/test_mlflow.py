@@ -91,3 +91,30 @@ def test_on_without_the_package_is_one_clear_line(tmp_path: Path, monkeypatch: p
     assert not (tmp_path / "on").exists()
     train(overrides=[*TINY, f"run.dir={tmp_path / 'auto'}", "monitor.report=false"])  # auto: silently without
     assert not (tmp_path / "auto" / "mlruns").exists()
+
+
+def test_a_failing_tracker_never_stops_training(
+    tmp_path: Path, fake_mlflow: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(self, run_id, metrics=(), params=()):
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(FakeClient, "log_batch", broken)
+    result = train(overrides=[*TINY, f"run.dir={tmp_path}", "monitor.report=false", "monitor.mlflow=on"])
+    assert result.epochs == 3
+    err = capsys.readouterr().err
+    assert err.count("MLflow tracking stopped") == 1 and "tracking server unreachable" in err
+
+
+def test_real_mlflow_reads_back_the_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = train(overrides=[*TINY, f"run.dir={tmp_path}", "monitor.report=false", "monitor.mlflow=on"])
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("dragontrainer").experiment_id])
+    assert run.data.params["model.name"] == "mlp" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [(m.step, m.value) for m in history] == [(r["epoch"], r["loss"]) for r in result.history
+                                                    if r["split"] == "val"]  # fmt: skip
