@@ -95,7 +95,10 @@ def test_a_factory_that_returns_no_module_is_refused(user_module: str, tmp_path:
     assert not (tmp_path / "r").exists()
 
 
-def test_register_model_from_python(tmp_path: Path) -> None:
+def test_register_model_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dragontrainer.nn.models import MODELS
+
+    monkeypatch.setattr(MODELS, "_entries", dict(MODELS._entries))  # the registration ends with the test
     name = f"mine_{uuid.uuid4().hex[:8]}"
 
     @dragontrainer.register_model(name)
