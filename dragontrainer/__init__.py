@@ -3,8 +3,11 @@
 from dragontrainer.api import doctor, evaluate_run, load_run, predict, report, resume, train
 from dragontrainer.compare import compare
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
+from dragontrainer.export import export_run, load_export
+from dragontrainer.nn.models import register_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.train.loop import TrainResult
+from dragontrainer.version import __version__
 
 __all__ = [
     "DataError",
@@ -13,11 +16,15 @@ __all__ = [
     "RecipeError",
     "RunError",
     "TrainResult",
+    "__version__",
     "compare",
     "doctor",
     "evaluate_run",
+    "export_run",
+    "load_export",
     "load_run",
     "predict",
+    "register_model",
     "report",
     "resume",
     "train",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -62,6 +63,9 @@ def run_handler(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return USAGE_ERROR
+    except BrokenPipeError:  # `dragon components | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush either
+        return 0
     except Exception as exc:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
@@ -97,6 +101,7 @@ def positive_int(value: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dragon", description="Train CNNs with the folklore built in.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"dragon {version_string()}")
     parser.set_defaults(command=None, debug=False)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
@@ -131,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=positive_int, default=3, help="how many classes to list per image")
     p.add_argument("--json", action="store_true")
 
+    p = command("export", cmd_export, "the run's model with its preprocessing as one file (uint8 images in)")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--out", metavar="FILE", help="output file (default RUN/model.onnx, ...); never overwritten")
+    p.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"],
+                   help="input images N×H×W×C (default, as PIL/NumPy give) or N×C×H×W")  # fmt: skip
+
     p = command("compare", cmd_compare, "the same recipe once per value: dragon compare [recipe.yaml] KEY=v1,v2 ...")
     p.add_argument("items", nargs="*", metavar="recipe.yaml | KEY=v1,v2,... | key=value")
     p.add_argument("--resume", metavar="DIR", help="continue the comparison in DIR (as recorded in DIR/compare.json)")
@@ -149,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN")
     p.add_argument("--json", action="store_true", help="print the findings as one JSON line")
 
-    p = command("components", cmd_components, "list every registered component by kind")
+    p = command("components", cmd_components, "list every registered component by kind, one line each")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="the full description of each component")
     p.add_argument("--markdown", action="store_true", help="the README catalogue section")
     return parser
 
@@ -250,6 +263,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dragontrainer.export import export_run
+
+    path = export_run(args.run_dir, args.format, args.out, layout=args.layout)
+    print(f"exported {args.format} to {path} (input: uint8 {args.layout.upper()} images; output: class probabilities)")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 1 when a check fails (warnings pass), so scripts can gate training on it."""
     from dragontrainer.api import doctor
@@ -327,12 +348,32 @@ def cmd_components(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(components, indent=2))
         return 0
-    table = Table("kind", "name", "what it does")
+    if args.verbose:
+        table = Table("kind", "name", "what it does")
+        for kind, entries in components.items():
+            for name, description in entries.items():
+                table.add_row(kind, name, escape(description))
+        Console().print(table)
+        return 0
+    kind_width = max(map(len, components))
+    name_width = max(len(name) for entries in components.values() for name in entries)
     for kind, entries in components.items():
         for name, description in entries.items():
-            table.add_row(kind, name, escape(description))
-    Console().print(table)
+            print(f"{kind:<{kind_width}}  {name:<{name_width}}  {short_description(description)}")
     return 0
+
+
+def short_description(description: str, limit: int = 80) -> str:
+    """The description clipped at a word to `limit` characters: one line per component."""
+    if len(description) <= limit:
+        return description
+    return description[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:(") + "…"
+
+
+def version_string() -> str:
+    from dragontrainer.version import __version__
+
+    return __version__
 
 
 if __name__ == "__main__":

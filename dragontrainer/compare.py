@@ -16,6 +16,7 @@ import html
 import io
 import itertools
 import json
+import math
 import re
 import signal
 import statistics
@@ -330,10 +331,12 @@ def aggregate(rows: list[RunRow]) -> list[dict[str, Any]]:
     return lines
 
 
-def format_stat(value: tuple[float, float], percent: bool = False, digits: int = 3) -> str:
+def format_stat(value: tuple[float, float], percent: bool = False, digits: int = 3, whole: bool = False) -> str:
     mean, std = value
     if mean != mean:  # NaN: never reached
         return "—"
+    if whole and not std and float(mean).is_integer():  # epochs of one run (or equal over seeds): an integer
+        return str(int(mean))
     text = f"{mean:.1%}" if percent else f"{mean:.{digits}f}"
     if std:
         text += f" ± {std:.1%}" if percent else f" ± {std:.{digits}f}"
@@ -348,8 +351,8 @@ def table_rows(summary: list[dict[str, Any]]) -> list[list[str]]:
             format_stat(line["train_accuracy"], percent=True),
             format_stat(line["val_loss"]),
             format_stat(line["val_accuracy"], percent=True),
-            format_stat(line["best_epoch"], digits=1),
-            format_stat(line["epochs_to_target"], digits=1),
+            format_stat(line["best_epoch"], digits=1, whole=True),
+            format_stat(line["epochs_to_target"], digits=1, whole=True),
             format_stat(line["seconds"], digits=1),
         ]
         rows.append([line["label"], str(line["runs"]), *numbers])
@@ -370,7 +373,56 @@ def write_outputs(out: Path, rows: list[RunRow], histories: list, sweeps: dict[s
                                              "runs": [row_dict(r) for r in rows], "summary": summary})  # fmt: skip
     png = plot_curves(histories)
     atomic_write_bytes(out / "curves.png", png)
-    atomic_write_text(out / "index.html", render_html(summary, png, sweeps, target))
+    page = render_html(summary, png, sweeps, target, runs=run_links(out, rows), fixed=fixed_settings(rows, sweeps))
+    atomic_write_text(out / "index.html", page)
+
+
+def run_links(out: Path, rows: list[RunRow]) -> list[dict[str, Any]]:
+    """Per run: its label and seed, validation accuracy, a link to its report (relative to the page)
+    and its findings (warnings and errors by key; `findings.json` is the source)."""
+    import json
+    import os
+
+    runs = []
+    for row in rows:
+        run_dir = Path(row.run_dir)
+        report = run_dir / "report.html"
+        findings_file = run_dir / "findings.json"
+        findings = json.loads(findings_file.read_text(encoding="utf-8")) if findings_file.exists() else None
+        runs.append({
+            "label": row.label, "seed": row.seed, "val_accuracy": row.val_accuracy,
+            "report": os.path.relpath(report, out) if report.exists() else None,
+            "findings": None if findings is None else
+            [(f["severity"], f["key"]) for f in findings if f["severity"] in ("error", "warning")],
+        })  # fmt: skip
+    return runs
+
+
+def fixed_settings(rows: list[RunRow], sweeps: dict[str, list[str]]) -> dict[str, Any]:
+    """The settings every run shares that differ from the defaults (the comparison's fixed overrides),
+    read from the runs' saved recipes; the swept keys, seed and run folder are left out."""
+    from dragontrainer.recipe import Recipe
+
+    def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    recipes = [Path(r.run_dir) / "recipe.yaml" for r in rows]
+    if not recipes or not all(p.is_file() for p in recipes):
+        return {}
+    runs = [flat(Recipe.load(p).model_dump(mode="json")) for p in recipes]
+    defaults = flat(Recipe().model_dump(mode="json"))
+    skip = {*sweeps, "seed"}
+    return {
+        key: value for key, value in runs[0].items()
+        if key not in skip and not key.startswith("run.") and value != defaults.get(key)
+        and all(run.get(key) == value for run in runs)
+    }  # fmt: skip
 
 
 def plot_curves(histories: list[tuple[str, int, list[dict[str, Any]]]]) -> bytes:
@@ -391,31 +443,70 @@ def plot_curves(histories: list[tuple[str, int, list[dict[str, Any]]]]) -> bytes
 
     for axis in (accuracy_axis, loss_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    accuracy_axis.set(title="validation accuracy", xlabel="epoch", ylim=(0, 1.01))
-    loss_axis.set(title="training loss", xlabel="epoch", yscale="log")
-    accuracy_axis.legend(fontsize=8)
-    figure.tight_layout()
+    accuracy_axis.set(title="validation accuracy", xlabel="epoch", ylabel="validation accuracy", ylim=(0, 1.01))
+    loss_axis.set(title="training loss", xlabel="epoch", ylabel="training loss (log scale)", yscale="log")
+    # one legend for both panels, under them: it never covers a curve
+    handles, labels = accuracy_axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 4), 1, 1))
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
 
 
-def render_html(summary: list[dict[str, Any]], png: bytes, sweeps: dict[str, list[str]], target: float) -> str:
-    """A self-contained page: the table and the curves (embedded), every user string escaped."""
+def render_html(
+    summary: list[dict[str, Any]],
+    png: bytes,
+    sweeps: dict[str, list[str]],
+    target: float,
+    *,
+    runs: Sequence[dict[str, Any]] = (),
+    fixed: dict[str, Any] | None = None,
+) -> str:
+    """A self-contained page: what was varied and what was fixed, the summary table, the curves
+    (embedded), and each run with a link to its report and its findings. Every user string escaped."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(summary))
     swept = html.escape(", ".join(f"{k} = {', '.join(v)}" for k, v in sweeps.items()))
+    fixed_text = html.escape(" ".join(f"{k}={v}" for k, v in (fixed or {}).items()) or "none (defaults)")
     image = base64.b64encode(png).decode("ascii")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dragon compare</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head>
-<body><h1>dragon compare</h1><p>{swept}; epochs to target = first epoch with validation accuracy ≥ {target:.0%}</p>
-<table><tr>{head}</tr>{body}</table>
-<p><img alt="validation accuracy and training loss of every run" src="data:image/png;base64,{image}"></p>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:0.5em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
+td.findings,th:last-child{{text-align:left}}.error{{color:#c62828}}.warning{{color:#ef6c00}}code{{background:#f5f5f5}}</style></head>
+<body><h1>dragon compare</h1>
+<p id="varied"><b>Varied:</b> {swept}</p>
+<p id="fixed"><b>Fixed for every run:</b> <code>{fixed_text}</code></p>
+<p>Epochs to target = first epoch with validation accuracy ≥ {target:.0%}.</p>
+<table id="summary"><tr>{head}</tr>{body}</table>
+<p><img id="plot-curves" alt="validation accuracy and training loss of every run"
+ src="data:image/png;base64,{image}"></p>
+{runs_table(runs)}
 </body></html>
 """
+
+
+def runs_table(runs: Sequence[dict[str, Any]]) -> str:
+    """One row per run: label, seed, validation accuracy, report link, findings (warnings and errors)."""
+    if not runs:
+        return ""
+    lines = []
+    for run in runs:
+        link = f'<a href="{html.escape(run["report"])}">report</a>' if run["report"] else "—"
+        if run["findings"] is None:
+            findings = "not diagnosed"
+        elif not run["findings"]:
+            findings = "no problems found"
+        else:
+            findings = ", ".join(f'<span class="{s}">{html.escape(key)}</span>' for s, key in run["findings"])
+        lines.append(
+            f"<tr><td>{html.escape(run['label'])}</td><td>{run['seed']}</td>"
+            f'<td>{run["val_accuracy"]:.1%}</td><td>{link}</td><td class="findings">{findings}</td></tr>'
+        )
+    head = "<tr><th>run</th><th>seed</th><th>val acc</th><th>report</th><th>findings</th></tr>"
+    return f'<h2>Runs</h2><table id="runs">{head}{"".join(lines)}</table>'  # fmt: skip
 
 
 def print_table(rows: list[RunRow], console: Any) -> None:

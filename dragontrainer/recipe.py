@@ -294,6 +294,14 @@ class ModelSpec(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
+        if ":" in name:  # package.module:factory, the user's own model (nn/user.py)
+            from dragontrainer.nn.user import import_factory
+
+            try:
+                import_factory(name)
+            except RecipeError as exc:
+                raise ValueError(str(exc).removeprefix(f"model.name={name}: ")) from None
+            return name
         return _check_registered("model", name)
 
     @field_validator("activation")
@@ -348,7 +356,7 @@ class ScheduleSpec(Section):
     """Learning-rate factor per iteration: linear warm-up, then the named decay. Times in epochs."""
 
     name: str = "cosine"  # see `dragon components`: constant, step, multistep, exponential, ...
-    warmup_epochs: float = Field(1.0, ge=0)
+    warmup_epochs: float | Literal["auto"] = "auto"  # auto: min(1, 10% of train.epochs); 0: none
     min_lr_fraction: float = Field(0.0, ge=0, le=1)  # floor (cosine, linear, polynomial); cyclic low end
     step_epochs: float = Field(30.0, gt=0)  # step: multiply by `gamma` every this many epochs
     milestones_epochs: list[float] = [30.0, 60.0, 80.0]  # multistep: multiply by `gamma` at each
@@ -372,6 +380,13 @@ class ScheduleSpec(Section):
     @classmethod
     def _known(cls, name: str) -> str:
         return _check_registered("schedule", name)
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _non_negative_warmup(cls, epochs: float | str) -> float | str:
+        if epochs != "auto" and float(epochs) < 0:
+            raise ValueError(f"must be 'auto' or a number of epochs >= 0, got {epochs}")
+        return epochs
 
 
 class RegularizeSpec(Section):
@@ -442,6 +457,10 @@ class MonitorSpec(Section):
     tensorboard: Literal["auto", "on", "off"] = "auto"  # auto: scalars for TensorBoard when it is installed
 
     _tensorboard_switch = field_validator("tensorboard", mode="before")(lambda v: yaml_switch(v))
+    mlflow: Literal["auto", "on", "off"] = "auto"  # auto: MLflow tracking when mlflow is installed
+    mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a file store in <run>/mlruns
+
+    _mlflow_switch = field_validator("mlflow", mode="before")(lambda v: yaml_switch(v))
 
 
 class RunSpec(Section):
@@ -468,7 +487,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _warmup_shorter_than_run(self) -> Recipe:
-        if self.schedule.warmup_epochs >= self.train.epochs:
+        if self.schedule.warmup_epochs != "auto" and self.schedule.warmup_epochs >= self.train.epochs:
             raise ValueError(
                 f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be shorter "
                 f"than train.epochs ({self.train.epochs})"

@@ -98,10 +98,16 @@ def check_model_fits(
 ) -> None:
     """Refuse a model (model.widths, data.image_size, train.batch_size) that cannot be trained in the
     memory there is, before a single weight is allocated."""
-    from dragontrainer.nn.models import MODELS
+    from dragontrainer.nn.models import model_factory
+    from dragontrainer.nn.user import is_import_path
 
-    build = lambda: MODELS.get(spec.name)(spec, in_channels, num_classes, image_size)  # uninitialised: shapes only
-    parameters, activations = model_memory(build, (batch_size, in_channels, image_size, image_size))
+    build = lambda: model_factory(spec.name)(spec, in_channels, num_classes, image_size)  # uninitialised: shapes only
+    try:
+        parameters, activations = model_memory(build, (batch_size, in_channels, image_size, image_size))
+    except Exception:
+        if is_import_path(spec.name):
+            return  # a user's model may not build on the meta device: it cannot be estimated, only tried
+        raise
     need = training_bytes(parameters, activations)
     room = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
     if need > room:

@@ -1,7 +1,7 @@
 """The run folder: paths, atomic writes, JSON-lines appends, a lock, and provenance.
 
 ```
-runs/<name>/recipe.yaml  provenance.json  data.json  preprocess.safetensors  metrics.jsonl  result.json
+runs/<name>/recipe.yaml  provenance.json  data.json  preprocess.safetensors  metrics.jsonl (+ .csv)  result.json
 runs/<name>/checkpoints/{last,best}/{model.safetensors, optimizer.safetensors, state.json}
 ```
 Every file is written atomically (temporary file, flush, fsync, rename), so a killed run never
@@ -32,10 +32,14 @@ from dragontrainer.recipe import Recipe
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync it, then rename over `path`."""
+    """Write to a temporary file beside `path`, fsync it, then rename over `path`.
+
+    mkstemp creates the file 0600; it gets the mode `open()` would give (0666 less the umask).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -45,6 +49,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -237,6 +248,13 @@ class RunDir:
         """Drop lines of epochs after `epoch` (and any torn line): the state a checkpoint matches."""
         kept = [r for r in self.history() if r.get("epoch", 0) <= epoch]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.write_metrics_csv()
+
+    def write_metrics_csv(self) -> None:
+        """metrics.csv, one row per epoch: a view of metrics.jsonl, rewritten whenever that changes."""
+        from dragontrainer.monitor.metrics_csv import write_metrics_csv
+
+        write_metrics_csv(self)
 
     def keep_stats_through(self, step: int) -> None:
         """Drop monitor lines recorded after optimiser step `step` (and any torn line)."""
@@ -292,8 +310,9 @@ def unique_path(path: Path) -> Path:
 
 def default_name(recipe: Recipe) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    model = recipe.model.name.rpartition(":")[2]  # package.module:factory -> factory
     data = recipe.data.source if recipe.data.source != "auto" else (recipe.data.path or Path("digits")).stem
-    return f"{stamp}-{recipe.model.name}-{data}"
+    return f"{stamp}-{model}-{data}"
 
 
 def provenance() -> dict[str, Any]:

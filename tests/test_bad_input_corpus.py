@@ -105,7 +105,7 @@ CORPUS: dict[str, tuple[Case, str]] = {
     "truncated png": (folder_with(lambda r: truncate(r / "class_0" / "0.png")), "0.png: "),
     "zero-byte png": (folder_with(lambda r: (r / "class_1" / "1.png").write_bytes(b"")), "1.png: not a readable image"),
     "truncated jpeg": (folder_with(save_truncated_jpeg), "t.jpg: "),
-    "non-image file in a class folder": (folder_with(lambda r: (r / "class_2" / "notes.txt").write_text("hi")), "notes.txt: not a readable image"),
+    "text file named as an image in a class folder": (folder_with(lambda r: (r / "class_2" / "notes.png").write_text("hi")), "notes.png: not a readable image"),
     "empty class folder": (folder_with(lambda r: (r / "empty").mkdir()), "empty: class folder is empty"),
     "mixed sizes without a resize": (folder_with(save_odd_size), "set data.image_size=S"),
     "image above the pixel limit": (folder_with(lambda r: None, "data.max_image_pixels=10"), "above data.max_image_pixels"),

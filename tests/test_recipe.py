@@ -14,7 +14,7 @@ def test_defaults_are_the_reference_summary_recipe() -> None:
     assert recipe.model.activation == "relu" and recipe.model.init == "he" and recipe.model.norm == "batch"
     assert recipe.optim.name == "sgd" and recipe.optim.nesterov and recipe.optim.momentum == 0.9
     assert recipe.optim.weight_decay == 5e-4 and recipe.train.label_smoothing == 0.1
-    assert recipe.schedule.name == "cosine" and recipe.schedule.warmup_epochs > 0
+    assert recipe.schedule.name == "cosine" and recipe.schedule.warmup_epochs == "auto"
     assert recipe.train.batch_size == 128 and recipe.preprocess.name == "standardize"
 
 

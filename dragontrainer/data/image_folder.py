@@ -39,7 +39,8 @@ def image_folder(spec: DataSpec) -> ImageSet:
         images = [p for p in members if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("._")]
         skipped += [p for p in members if p not in images]
         if not images:
-            problems.append(f"{class_dir}: class folder has no image files")
+            what = f"holds no image files ({len(members)} other files)" if members else "is empty"
+            problems.append(f"{class_dir}: class folder {what}; every class needs at least one image")
         files += images
         labels += [label] * len(images)
     if files and spec.image_size is not None:

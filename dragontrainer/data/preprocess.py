@@ -147,8 +147,8 @@ class Whiten(Preprocessor):
         return {"mean": mean, "matrix": matrix}
 
     def transform(self, x: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        flat = x.reshape(len(x), -1) - state["mean"]
-        return (flat @ state["matrix"]).reshape(x.shape)
+        flat = x.flatten(1) - state["mean"]  # flatten, not reshape(len(x), ...): exports keep the batch free
+        return (flat @ state["matrix"]).reshape_as(x)
 
 
 @PREPROCESSORS.register("pca_whiten")

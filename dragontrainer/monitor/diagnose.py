@@ -25,6 +25,7 @@ from rich.markup import escape
 
 from dragontrainer.errors import RunError
 from dragontrainer.monitor.stats import input_problem
+from dragontrainer.optim.schedules import warmup_epochs
 from dragontrainer.recipe import Recipe
 from dragontrainer.registry import Registry
 from dragontrainer.run import RunDir, read_jsonl
@@ -236,7 +237,7 @@ def median_update_ratio(records: list[dict[str, Any]]) -> float | None:
 @RULES.register("lr_too_low")
 def lr_too_low(run: RunRecords) -> Finding | None:
     """Updates are far below ~1e-3 of the weights and the loss falls slowly."""
-    warm = run.recipe.schedule.warmup_epochs
+    warm = warmup_epochs(run.recipe.schedule, run.recipe.train.epochs)
     records = [r for r in run.layers if r["epoch"] > warm][: max(4, len(run.layers) // 2)]
     ratio = median_update_ratio(records)
     if ratio is None or ratio >= 1e-4 or run.initial_loss is None:

@@ -16,6 +16,7 @@ from dragontrainer.nn.activations import create_activation
 from dragontrainer.nn.init import init_model
 from dragontrainer.nn.layers import head_linear
 from dragontrainer.nn.norms import apply_weight_norm, create_norm
+from dragontrainer.nn.user import import_factory, is_import_path
 from dragontrainer.recipe import ModelSpec
 from dragontrainer.registry import Registry
 
@@ -200,9 +201,30 @@ def resnet(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int)
 # --------------------------------------------------------------------------------- factory
 
 
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator adding your own model to the zoo under `name` (for this process; a recipe's
+    `model.name=package.module:factory` works in every process):
+
+        @dragontrainer.register_model("tiny")
+        def tiny(spec, in_channels, num_classes, image_size) -> nn.Module: ...
+    """
+    return MODELS.register(name)
+
+
+def model_factory(name: str) -> ModelFactory:
+    """The zoo's factory, or the user's `package.module:factory` imported by name."""
+    if is_import_path(name):
+        return import_factory(name)
+    return MODELS.get(name)
+
+
 def create_model(spec: ModelSpec, *, in_channels: int, num_classes: int, image_size: int) -> Network:
     """Build the zoo entry, then initialise it as the recipe says (the global torch RNG is used)."""
-    model = MODELS.get(spec.name)(spec, in_channels, num_classes, image_size)
+    model = model_factory(spec.name)(spec, in_channels, num_classes, image_size)
+    if not isinstance(model, nn.Module):
+        raise RecipeError(
+            f"model.name={spec.name}: the factory returned a {type(model).__name__}, expected a torch.nn.Module"
+        )
     init_model(model, spec)  # before the memory-format change: some initialisers view weights as 2-D
     if spec.norm == "weight":
         apply_weight_norm(model)  # after init: g starts at ‖v‖, so the function is unchanged
@@ -210,7 +232,7 @@ def create_model(spec: ModelSpec, *, in_channels: int, num_classes: int, image_s
         for module in model.modules():
             if isinstance(module, BasicBlock):
                 module.zero_init_last_norm()
-    return model.to(memory_format=model.memory_format)
+    return model.to(memory_format=getattr(model, "memory_format", torch.contiguous_format))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -141,9 +141,20 @@ def one_cycle(spec: ScheduleSpec, steps_per_epoch: int, decay_steps: int) -> LrF
     return factor
 
 
+AUTO_WARMUP_EPOCHS, AUTO_WARMUP_FRACTION = 1.0, 0.1
+
+
+def warmup_epochs(spec: ScheduleSpec, epochs: float) -> float:
+    """The warm-up length in epochs: as set, or `auto` = min(1 epoch, 10% of the run), so a one-epoch
+    run still warms up (for a tenth of it) and long runs get the customary single epoch."""
+    if spec.warmup_epochs == "auto":
+        return min(AUTO_WARMUP_EPOCHS, AUTO_WARMUP_FRACTION * epochs)
+    return float(spec.warmup_epochs)
+
+
 def create_schedule(spec: ScheduleSpec, *, steps_per_epoch: int, total_steps: int) -> LrFactor:
     """The named schedule over the steps after warm-up, preceded by a linear warm-up from ~0 to 1."""
-    warmup_steps = round(spec.warmup_epochs * steps_per_epoch)
+    warmup_steps = round(warmup_epochs(spec, total_steps / max(steps_per_epoch, 1)) * steps_per_epoch)
     decay = SCHEDULES.get(spec.name)(spec, steps_per_epoch, max(total_steps - warmup_steps, 1))
     if warmup_steps == 0:
         return decay

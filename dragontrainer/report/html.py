@@ -1,7 +1,8 @@
 """report.html: one self-contained page (figures embedded as PNG data, no script, no network).
 
 Findings come first, ordered by severity; then the curves, the learning rate, per-layer statistics,
-first-layer filters, the confusion matrix, augmented training images and the resolved recipe.
+first-layer filters, the confusion matrix, augmented training images and, folded away at the end,
+the resolved recipe. Every figure has an anchor `#plot-<name>` (curves, learning-rate, ...).
 Every string that came from the user (class names, paths, recipe values) goes through `escape`.
 """
 
@@ -30,6 +31,8 @@ figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; 
 figcaption { font-size: 0.85em; color: #555; max-width: 560px; } img { max-width: 100%; }
 table { border-collapse: collapse; } td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: left; }
 pre { background: #f5f5f5; padding: 0.8em; overflow-x: auto; } details { margin: 0.3em 0; }
+details#recipe { margin-top: 2em; border-top: 1px solid #ddd; padding-top: 0.6em; }
+details#recipe > summary { font-size: 1.2em; font-weight: bold; cursor: pointer; }
 """
 
 
@@ -37,14 +40,28 @@ def escape(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def image_tag(data: bytes | None, alt: str, caption: str) -> str:
+def image_tag(data: bytes | None, alt: str, caption: str, name: str = "") -> str:
+    """A figure; `name` gives it the anchor `#plot-<name>` that findings and other pages link to."""
     if data is None:
         return ""
     encoded = base64.b64encode(data).decode("ascii")
+    anchor = f' id="plot-{escape(name)}"' if name else ""
     return (
-        f'<figure><img src="data:image/png;base64,{encoded}" alt="{escape(alt)}">'
+        f'<figure{anchor}><img src="data:image/png;base64,{encoded}" alt="{escape(alt)}">'
         f"<figcaption>{escape(caption)}</figcaption></figure>"
     )
+
+
+def checkpoint_shapes(run_dir: RunDir) -> dict[str, list[int]]:
+    """Tensor name -> shape of the best (else last) weights, read from the header only."""
+    from safetensors import safe_open
+
+    for folder in ("best", "last"):
+        file = run_dir.checkpoints / folder / "model.safetensors"
+        if file.exists():
+            with safe_open(str(file), framework="np") as handle:
+                return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    return {}
 
 
 def finding_block(finding: Finding) -> str:
@@ -120,38 +137,46 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
     result = json.loads(result_file.read_text(encoding="utf-8")) if result_file.exists() else None
     epochs = records.kind("epoch")
     weight = first_layer_weight(run_dir, records)
+    activation_kinds = plots.layer_kinds(records, "activations")
+    param_kinds = plots.layer_kinds(records, "params", checkpoint_shapes(run_dir))
+    blank = (" Hatched cells have no colour: 0 on the log scale — a dead layer, its {what} all zero (the row "
+             "says from when) — or not measured.")  # fmt: skip
     figures = {
         "Training": [
             image_tag(safe(lambda: plots.curves(records)), "loss and accuracy curves",
                       "Loss per step and per epoch; accuracy train vs validation with the gap shaded. A big gap: "
-                      "overfitting; no gap at low accuracy: underfitting."),
-            image_tag(safe(lambda: plots.learning_rate(records)), "learning rate", "Learning rate at every step."),
+                      "overfitting; no gap at low accuracy: underfitting.", "curves"),
+            image_tag(safe(lambda: plots.learning_rate(records)), "learning rate", "Learning rate at every step.",
+                      "learning-rate"),
         ],
         "Inside the network": [
             image_tag(safe(lambda: plots.layer_heatmap(records, "activations", lambda a: a["std"],
-                                                       "activation std (probe batch)", log=True)),
+                                                       "activation std (probe batch)", log=True,
+                                                       kinds=activation_kinds)),
                       "activation std heat map", "Activation spread per layer over time: collapsing to dark means "
-                      "vanishing signal, bright bands exploding."),
+                      "vanishing signal, bright bands exploding." + blank.format(what="outputs"),
+                      "activation-heatmap"),
             image_tag(safe(lambda: plots.layer_heatmap(
                 records, "params", lambda p: p["grad_norm"] / p["weight_norm"] if p["weight_norm"] else None,
-                "gradient / weight norm", log=True, cmap="magma")),
+                "gradient / weight norm", log=True, cmap="magma", kinds=param_kinds)),
                 "gradient heat map", "Gradient size relative to the weights per layer: a dark first layer means "
-                "vanishing gradients."),
+                "vanishing gradients." + blank.format(what="gradients"), "gradient-heatmap"),
             image_tag(safe(lambda: plots.dead_fractions(records)), "dead units",
-                      "Fraction of channels that output ≤ 0 for every probe image (dead ReLUs cannot recover)."),
-            image_tag(safe(lambda: plots.update_ratios(records)), "update ratios",
+                      "Fraction of channels that output ≤ 0 for every probe image (dead ReLUs cannot recover).",
+                      "dead-units"),
+            image_tag(safe(lambda: plots.update_ratios(records, param_kinds)), "update ratios",
                       "Update/weight ratio per layer; about 1e-3 is healthy (CS231n): far below, the learning rate "
-                      "is too low; far above, too high."),
+                      "is too low; far above, too high.", "update-ratios"),
             image_tag(safe(lambda: plots.filters(weight, records.data["image_shape"])) if weight is not None else None,
                       "first-layer filters", "First-layer filters of the best checkpoint: smooth, varied patterns "
-                      "are healthy; noise means too little training or too high a learning rate."),
+                      "are healthy; noise means too little training or too high a learning rate.", "filters"),
         ],
         "Predictions and data": [
             image_tag(safe(lambda: plots.confusion(epochs[-1]["confusion"], records.data["classes"]))
                       if epochs else None, "confusion matrix", f"Validation, epoch {epochs[-1]['epoch']}."
-                      if epochs else ""),
+                      if epochs else "", "confusion"),
             image_tag(safe(lambda: augmented_samples(run_dir, records.data["classes"])), "augmented images",
-                      "A batch after augmentation, before preprocessing."),
+                      "A batch after augmentation, before preprocessing.", "augmented"),
         ],
     }  # fmt: skip
     counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
@@ -169,7 +194,8 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
 {"".join(finding_block(f) for f in findings)}
 <h2>Summary</h2>{summary_table(records, result)}
 {sections}
-<h2>Recipe</h2><pre>{escape(recipe_text)}</pre>
+<details id="recipe"><summary>Recipe (recipe.yaml: every knob of this run)</summary><pre>{escape(recipe_text)}</pre>
+</details>
 </body></html>
 """
 
@@ -180,6 +206,17 @@ def write_report(path: str | Path) -> tuple[Path, list[Finding]]:
     records = RunRecords.load(run_dir.path)
     findings = diagnose(records)
     atomic_write_json(run_dir.file("findings.json"), [f.to_dict() for f in findings])
+    sync_result_findings(run_dir, findings)
     page = run_dir.file("report.html")
     atomic_write_text(page, render(run_dir, records, findings))
     return page, findings
+
+
+def sync_result_findings(run_dir: RunDir, findings: list[Finding]) -> None:
+    """result.json carries the same findings as findings.json (one diagnosis, two places to read it)."""
+    result_file = run_dir.file("result.json")
+    if not result_file.exists():
+        return
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    result["findings"] = [f.to_dict() for f in findings]
+    atomic_write_json(result_file, result)

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from dragontrainer.monitor.diagnose import RunRecords
 
@@ -44,7 +46,7 @@ def curves(run: RunRecords) -> bytes | None:
     loss_ax.plot(epochs, val_loss, "o-", color=VAL_COLOUR, markersize=3, label="validation")
     loss_ax.axhline(run.expected_initial_loss, color="grey", linestyle=":", linewidth=1, label="ln C (chance)")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    loss_ax.legend(fontsize=8)
+    legend_below(loss_ax)
     train_acc = [train_by_epoch[e]["accuracy"] for e in epochs]
     val_acc = [r["accuracy"] for r in run.val]
     acc_ax.plot(epochs, train_acc, "o-", color=TRAIN_COLOUR, markersize=3, label="train")
@@ -52,8 +54,32 @@ def curves(run: RunRecords) -> bytes | None:
     acc_ax.fill_between(epochs, train_acc, val_acc, color="orange", alpha=0.25, label="gap")
     acc_ax.axhline(run.chance, color="grey", linestyle=":", linewidth=1, label="chance")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.01))
-    acc_ax.legend(fontsize=8, loc="lower right")
+    legend_below(acc_ax)
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return png(figure)
+
+
+def legend_below(ax: Any, columns: int = 3) -> None:
+    """The legend under the axes, never over the curves (the figure grows to fit it)."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=columns, frameon=False)
+
+
+def legend_beside(ax: Any) -> None:
+    """Many entries (one per layer): a column right of the axes, never over the lines."""
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+
+
+def readable_names(names: Sequence[str], kinds: dict[str, str]) -> list[str]:
+    """`blocks.1.0` -> `conv 2 (blocks.1.0)`: the layer's type, its position among layers of that
+    type, and its path in the model (what transfer rules and findings name)."""
+    counts: dict[str, int] = {}
+    labels = []
+    for name in names:
+        kind = kinds.get(name, "layer")
+        counts[kind] = counts.get(kind, 0) + 1
+        labels.append(f"{kind} {counts[kind]} ({name})")
+    return labels
 
 
 def learning_rate(run: RunRecords) -> bytes | None:
@@ -68,57 +94,92 @@ def learning_rate(run: RunRecords) -> bytes | None:
     return png(figure)
 
 
+def layer_kinds(run: RunRecords, section: str, shapes: dict[str, Sequence[int]] | None = None) -> dict[str, str]:
+    """Layer name -> short type: activations carry theirs (`relu`); weights are `conv` (4-D kernels)
+    or `linear` (2-D), read from the checkpoint's tensor shapes when given."""
+    samples = [r for r in run.layers if r.get(section)]
+    if not samples:
+        return {}
+    if section == "activations":
+        return {name: entry.get("type", "act") for name, entry in samples[-1][section].items()}
+    kinds = {}
+    for name in samples[-1][section]:
+        shape = (shapes or {}).get(f"{name}.weight") or (shapes or {}).get(name)
+        kinds[name] = {4: "conv", 2: "linear"}.get(len(shape), "layer") if shape else "layer"
+    return kinds
+
+
 def layer_heatmap(
-    run: RunRecords, section: str, value: Any, title: str, *, log: bool = False, cmap: str = "viridis"
-) -> bytes | None:
-    """Layers down, samples across: one statistic over time ("colorful dimension" style)."""
+    run: RunRecords, section: str, value: Any, title: str, *, log: bool = False, cmap: str = "viridis",
+    kinds: dict[str, str] | None = None,
+) -> bytes | None:  # fmt: skip
+    """Layers down, samples across: one statistic over time ("colorful dimension" style).
+
+    A cell with nothing to colour is hatched, not left to look like a low value: 0 on a log scale
+    (a dead layer: its outputs, or gradients, are all zero — labelled on the row) or not measured.
+    """
     samples = [r for r in run.layers if r.get(section)]
     if not samples:
         return None
     names = list(samples[-1][section])
     grid = np.full((len(names), len(samples)), np.nan)
+    zero = np.zeros(grid.shape, dtype=bool)
     for j, record in enumerate(samples):
         for i, name in enumerate(names):
             entry = record[section].get(name)
             v = value(entry) if entry else None
             if v is not None and (not log or v > 0):
                 grid[i, j] = math.log10(v) if log else v
-    figure, ax = plt.subplots(figsize=(5.5, 0.3 * len(names) + 1.6))
-    image = ax.imshow(grid, aspect="auto", cmap=cmap, interpolation="nearest")
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+            zero[i, j] = v is not None and v == 0
+    figure, ax = plt.subplots(figsize=(6.5, 0.3 * len(names) + 1.6))
+    ax.add_patch(Rectangle((-0.5, -0.5), len(samples), len(names), facecolor="#f0f0f0", edgecolor="#bbbbbb",
+                           hatch="///", linewidth=0, zorder=0))  # fmt: skip
+    colours = plt.get_cmap(cmap).with_extremes(bad=(0.0, 0.0, 0.0, 0.0))  # blank cells show the hatching
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=colours, interpolation="nearest", zorder=1)
+    ax.set_yticks(range(len(names)), readable_names(names, kinds or {}), fontsize=7)
+    note = {"va": "center", "ha": "left", "fontsize": 7, "color": "#b71c1c", "zorder": 2,
+            "bbox": {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1}}  # fmt: skip
+    for i in range(len(names)):
+        if zero[i].any():
+            ax.text(int(np.flatnonzero(zero[i])[0]), i, " 0: dead from here", **note)
+        elif np.isnan(grid[i]).all():
+            ax.text(0, i, " no value: zero weights, or never measured", **note)
     ticks = np.linspace(0, len(samples) - 1, min(len(samples), 6)).astype(int)
     ax.set_xticks(ticks, [samples[t]["step"] for t in ticks], fontsize=7)
-    ax.set(xlabel="step", title=title)
+    ax.set(xlabel="step", ylabel="layer (type, position, path)", title=title)
     figure.colorbar(image, ax=ax, label=("log10 " if log else "") + title.split(" (")[0])
     return png(figure)
 
 
-def per_layer_lines(run: RunRecords, section: str, field: str, missing: float) -> tuple[Figure, Any] | None:
+def per_layer_lines(
+    run: RunRecords, section: str, field: str, missing: float, kinds: dict[str, str] | None = None
+) -> tuple[Figure, Any] | None:
     """One line per layer of a sampled statistic over the steps (a layer's gap shows as `missing`)."""
     samples = [r for r in run.layers if r.get(section)]
     if not samples:
         return None
     figure, ax = plt.subplots(figsize=(5.5, 3))
     steps = [r["step"] for r in samples]
-    for name in samples[-1][section]:
-        ax.plot(steps, [r[section].get(name, {}).get(field) or missing for r in samples], label=name, linewidth=1)
+    names = list(samples[-1][section])
+    for name, label in zip(names, readable_names(names, kinds or {}), strict=True):
+        ax.plot(steps, [r[section].get(name, {}).get(field) or missing for r in samples], label=label, linewidth=1)
     return figure, ax
 
 
 def dead_fractions(run: RunRecords) -> bytes | None:
-    drawn = per_layer_lines(run, "activations", "dead", 0.0)
+    drawn = per_layer_lines(run, "activations", "dead", 0.0, layer_kinds(run, "activations"))
     if drawn is None:
         return None
     figure, ax = drawn
     ax.set(
         xlabel="step", ylabel="fraction of channels", title="dead units (≤ 0 on every probe image)", ylim=(-0.02, 1.02)
     )
-    ax.legend(fontsize=6, ncol=2)
+    legend_beside(ax)
     return png(figure)
 
 
-def update_ratios(run: RunRecords) -> bytes | None:
-    drawn = per_layer_lines(run, "params", "update_ratio", np.nan)  # no zero on a log axis
+def update_ratios(run: RunRecords, kinds: dict[str, str] | None = None) -> bytes | None:
+    drawn = per_layer_lines(run, "params", "update_ratio", np.nan, kinds)  # no zero on a log axis
     if drawn is None:
         return None
     figure, ax = drawn
@@ -126,7 +187,7 @@ def update_ratios(run: RunRecords) -> bytes | None:
     ax.axhline(1e-3, color="green", linewidth=1, linestyle=":")
     ax.set_yscale("log")
     ax.set(xlabel="step", ylabel="‖Δθ‖ / ‖θ‖", title="update / weight ratio per layer")
-    ax.legend(fontsize=6, ncol=2)
+    legend_beside(ax)
     return png(figure)
 
 

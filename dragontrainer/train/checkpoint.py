@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from dragontrainer.errors import RunError, shorten
-from dragontrainer.run import fsync_dir
+from dragontrainer.run import current_umask, fsync_dir
 from dragontrainer.run_files import CheckpointState, read_json, read_tensors
 
 MODEL_FILE = "model.safetensors"
@@ -36,6 +36,7 @@ def save_checkpoint(
         raise RunError(f"{folder.parent}: cannot create the checkpoint folder ({exc.strerror})") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700: give it the mode mkdir would
         _save_tensors(tmp / MODEL_FILE, model.state_dict())
         if optimizer is not None:
             tensors, structure = split_optimizer_state(optimizer.state_dict())
@@ -127,6 +128,7 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict[str, 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    path.chmod(0o666 & ~current_umask())  # safetensors creates it 0600
     with path.open("rb") as handle:
         os.fsync(handle.fileno())
 

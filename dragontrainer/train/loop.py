@@ -30,6 +30,7 @@ from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet, load_images
 from dragontrainer.data.split import Split, stratified_split
 from dragontrainer.errors import DataError, RecipeError, RunError
+from dragontrainer.monitor.mlflow import create_mlflow
 from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_parameters
 from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboard
 from dragontrainer.nn.init import lsuv_rescale
@@ -467,6 +468,7 @@ class Loop:
             self.tensorboard.write_epoch(epoch, logs)
         self.run.append_metrics(train_record)
         self.run.append_metrics(val_record)
+        self.run.write_metrics_csv()
         if stopper.improved:
             state.best_epoch = epoch
             best_state = {"train": {**state.state_dict(), "epoch": epoch}, "metrics": logs}
@@ -581,6 +583,9 @@ def fit(
     stopper = EarlyStopping(recipe.train.early_stopping)
     if recipe.schedule.name == "plateau":
         callbacks = [ReduceOnPlateau(recipe.schedule), *callbacks]
+    tracker = create_mlflow(recipe, run)
+    if tracker is not None:
+        callbacks = [*callbacks, tracker]
     monitor = create_monitor(recipe, run, model, data, criterion, steps_per_epoch, resume=resume)
     loop = Loop(
         run, model, optimizer, lr_factor, criterion, augment,
@@ -656,11 +661,12 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         images_per_second=sum(r["images"] for r in train) / max(sum(r["seconds"] for r in train), 1e-9),
         test_loss=test["loss"] if test else None,
         test_accuracy=test["accuracy"] if test else None,
-        stop_reason=state.stop_reason,
+        # a stop requested at the last epoch stopped nothing: the run completed, so no message
+        stop_reason=state.stop_reason if state.epoch < recipe.train.epochs else None,
         history=history,
     )
     loop.run.write_json("result.json", result.summary())
-    if recipe.monitor.report:
+    if recipe.monitor.report:  # the report puts its findings into result.json too (findings.json's copy)
         result.findings = report_run(loop.run, loop.console or Console(stderr=True, quiet=True))
     return result
 

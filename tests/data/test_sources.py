@@ -110,8 +110,10 @@ def test_image_folder_empty_class_and_non_image(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="empty: class folder is empty"):
         load_images(spec("image-folder", root))
     (root / "empty").rmdir()
-    (root / "class_0" / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="notes.txt: not a readable image"):
+    (root / "class_0" / "notes.txt").write_text("hello")  # a stray file is skipped, and said so
+    assert "skipped 1 file(s) that are not images (notes.txt)" in load_images(spec("image-folder", root)).notes[0]
+    (root / "class_0" / "notes.png").write_text("hello")  # a file that claims to be an image and is not
+    with pytest.raises(DataError, match="notes.png: not a readable image"):
         load_images(spec("image-folder", root))
 
 
