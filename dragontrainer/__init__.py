@@ -3,7 +3,9 @@
 from dragontrainer.api import doctor, evaluate_run, load_run, predict, report, resume, train
 from dragontrainer.compare import compare
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
+from dragontrainer.monitor.lr_finder import lr_find
 from dragontrainer.recipe import Recipe
+from dragontrainer.study.ensemble import ensemble
 from dragontrainer.train.loop import TrainResult
 
 __all__ = [
@@ -15,8 +17,10 @@ __all__ = [
     "TrainResult",
     "compare",
     "doctor",
+    "ensemble",
     "evaluate_run",
     "load_run",
+    "lr_find",
     "predict",
     "report",
     "resume",
