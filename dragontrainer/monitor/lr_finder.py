@@ -129,7 +129,7 @@ def sweep(
         loss.backward()
         clip_gradients(parameters, recipe.regularize)
         optimizer.step()
-        value = float(loss)  # one sync per step: a few hundred steps
+        value = float(loss.detach())  # one sync per step: a few hundred steps
         if not math.isfinite(value):
             diverged = True
             break

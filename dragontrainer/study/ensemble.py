@@ -24,7 +24,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save
 
 from dragontrainer.errors import DataError, RecipeError, RunError
-from dragontrainer.run import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dragontrainer.run import atomic_write_bytes, atomic_write_json, atomic_write_text, unique_path
 from dragontrainer.study.combine import COMBINE, combine, equal_weights, fit_weights, scores
 from dragontrainer.study.members import MemberSpec, check_agreement, collect_members, load_member, member_logits
 
@@ -82,7 +82,7 @@ def ensemble(
     specs = collect_members(list(members), search=search, top=top, snapshots=list(snapshots))
     if not any(s.role == "member" for s in specs):
         raise RunError("dragon ensemble: no members to combine")
-    out = Path(out) if out is not None else Path("ensembles") / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(out) if out is not None else unique_path(Path("ensembles") / time.strftime("%Y%m%d-%H%M%S"))
     plan = {"members": [s.to_dict() for s in specs], "combine": combine_method,
             "fit_weights": fit_weights_on_val, "data": None if data is None else str(data)}  # fmt: skip
     start_folder(out, plan)
