@@ -447,7 +447,7 @@ class TrainSpec(Section):
     snapshot_every: int = Field(5, ge=1)  # every_k: a snapshot every this many epochs
     weight_average: Literal["none", "swa", "ema"] = "none"  # an averaged copy of the weights in checkpoints/<name>/
     swa_start: float = Field(0.75, ge=0, lt=1)  # swa: average the weights at the end of epochs after this fraction
-    ema_decay: float = Field(0.99, gt=0, lt=1)  # ema: w ← d·w + (1−d)·w_now per step; window ≈ 1/(1−d) steps
+    ema_decay: float = Field(0.99, gt=0, lt=1)  # ema: w ← d·w + (1−d)·w_now per step (d warmed up)
 
     _amp_switch = field_validator("amp", mode="before")(lambda v: yaml_switch(v))
 

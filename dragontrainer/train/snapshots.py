@@ -73,13 +73,12 @@ class WeightAverager(Callback):
     `last` checkpoint (so resume continues it) and written as a checkpoint at the end of the fit."""
 
     def __init__(self, kind: str, model: nn.Module, recipe: Recipe, checkpoints: Path, data: Any) -> None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
         self.kind, self.model, self.checkpoints, self.data = kind, model, checkpoints, data
         self.start_epoch = int(recipe.train.swa_start * recipe.train.epochs)  # swa averages epochs after this
         if kind == "ema":
-            self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.train.ema_decay),
-                                         use_buffers=True)  # fmt: skip
+            self.average = AveragedModel(model, multi_avg_fn=ema_update(recipe.train.ema_decay), use_buffers=True)
         else:
             self.average = AveragedModel(model)
 
@@ -119,6 +118,22 @@ class WeightAverager(Callback):
         record = {"kind": self.kind, "averaged": int(self.average.n_averaged), "epoch": state.epoch}
         save_checkpoint(self.checkpoints / self.kind, module, None, record)
         self.running_file.unlink(missing_ok=True)
+
+
+def ema_update(decay: float) -> Any:
+    """EMA with the decay warmed up as min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's
+    `num_updates`): a short run is not dominated by its initial weights."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        d = min(decay, (1 + int(updates)) / (10 + int(updates)))
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - d)
+        for a, c in zip(averaged, current, strict=True):
+            if not a.is_floating_point():
+                a.copy_(c)  # counters (batch norm's num_batches_tracked) follow the model
+
+    return update
 
 
 def ensemble_callbacks(recipe: Recipe, model: nn.Module, checkpoints: Path, data: Any, steps_per_epoch: int) -> list:
