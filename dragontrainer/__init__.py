@@ -4,8 +4,10 @@ from dragontrainer.api import doctor, evaluate_run, load_run, predict, report, r
 from dragontrainer.compare import compare
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.export import export_run, load_export
+from dragontrainer.monitor.lr_finder import lr_find
 from dragontrainer.nn.models import register_model
 from dragontrainer.recipe import Recipe
+from dragontrainer.study.ensemble import ensemble
 from dragontrainer.train.loop import TrainResult
 from dragontrainer.version import __version__
 
@@ -19,10 +21,12 @@ __all__ = [
     "__version__",
     "compare",
     "doctor",
+    "ensemble",
     "evaluate_run",
     "export_run",
     "load_export",
     "load_run",
+    "lr_find",
     "predict",
     "register_model",
     "report",

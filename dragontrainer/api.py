@@ -142,6 +142,10 @@ def evaluate_run(
     run_dir: str | Path, data: str | Path | None = None, *, source: str | None = None, part: str = "all"
 ) -> dict[str, Any]:
     """Score the run's best weights: on its own test split (else validation split), or on other data."""
+    from dragontrainer.study.ensemble import evaluate_ensemble, is_ensemble
+
+    if is_ensemble(run_dir):  # an ensemble folder scores like a run (loss: the NLL of the combination)
+        return evaluate_ensemble(run_dir, data, source=source, part=part)
     loaded = load_run(run_dir)
     criterion = loaded.criterion()
     if data is None:
@@ -177,6 +181,10 @@ class Prediction:
 
 def predict(run_dir: str | Path, files: Sequence[str | Path], *, top_k: int = 3) -> list[Prediction]:
     """Class and probability for each image file, with the run's own preprocessing."""
+    from dragontrainer.study.ensemble import is_ensemble, predict_ensemble
+
+    if is_ensemble(run_dir):  # an ensemble folder predicts like a run
+        return predict_ensemble(run_dir, files, top_k=top_k)
     loaded = load_run(run_dir)
     channels, size, _ = loaded.image_shape
     spec = loaded.recipe.data.model_copy(update={"image_size": size})

@@ -161,6 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN")
     p.add_argument("--json", action="store_true", help="print the findings as one JSON line")
 
+    p = command("lr-find", cmd_lr_find, "learning-rate range test: dragon lr-find [recipe.yaml] [key=value ...]")
+    p.add_argument("items", nargs="*", metavar="recipe.yaml | key=value")
+    p.add_argument("--repeats", type=int, help="sweeps with different seeds and data orders (default 3)")
+    p.add_argument("--apply", metavar="FILE", help="write the suggestion as optim.lr into this recipe file")
+    p.add_argument("--out", help="folder for lr_find.png and lr_find.json (default lr-find/<time>)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+    p = command("ensemble", cmd_ensemble, "combine trained models: dragon ensemble RUN... [--search DIR]")
+    p.add_argument("members", nargs="*", metavar="RUN", help="run folders, comparison folders or folders of runs")
+    p.add_argument("--search", metavar="DIR", help="a dragon search folder: its best trials become members")
+    p.add_argument("--top", type=int, default=5, help="how many trials of --search (default 5)")
+    p.add_argument("--snapshots", metavar="RUN", action="append", default=[], help="a run's snapshots as members")
+    p.add_argument("--combine", default="mean", choices=["mean", "logit", "vote"], help="default: mean probability")
+    p.add_argument("--fit-weights", action="store_true", help="member weights fitted on the validation split")
+    p.add_argument("--data", help="score on this dataset instead of the members' common held-out split")
+    p.add_argument("--source", help="data source of --data, when it cannot be guessed")
+    p.add_argument("--part", default="all", choices=["train", "test", "all"], help="MNIST/CIFAR part of --data")
+    p.add_argument("--out", help="ensemble folder (default ensembles/<time>); the same --out continues a killed one")
+    p.add_argument("--json", action="store_true", help="print ensemble.json's summary as one JSON line")
+    p.add_argument("--quiet", action="store_true")
+
     p = command("components", cmd_components, "list every registered component by kind, one line each")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", action="store_true", help="the full description of each component")
@@ -333,6 +354,48 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         print_table(rows, Console())
         print(f"comparison folder {out} (index.html, curves.png, summary.csv)")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    import time
+
+    from dragontrainer.monitor.lr_finder import apply_to_recipe_file, lr_find
+
+    path, overrides = split_items(args.items)
+    if args.repeats is not None and args.repeats < 1:
+        raise RecipeError(f"--repeats must be at least 1, got {args.repeats}")
+    out = Path(args.out) if args.out else Path("lr-find") / time.strftime("%Y%m%d-%H%M%S")
+    result = lr_find(path, overrides, repeats=args.repeats, out=out, progress=not args.json)
+    if args.apply:
+        apply_to_recipe_file(Path(args.apply), result.chosen)
+    if args.json:
+        record = result.to_dict()
+        record.pop("sweeps")
+        print(json.dumps({**record, "out": str(out)}))
+        return 0
+    console = Console(highlight=False)
+    console.print(escape(result.describe()))
+    console.print(f"plot {escape(str(out / 'lr_find.png'))}" + (f"; wrote optim.lr into {escape(args.apply)}"
+                                                                  if args.apply else ""))  # fmt: skip
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from dragontrainer.study.ensemble import ensemble, print_table
+
+    if args.top < 1:
+        raise RecipeError(f"--top must be at least 1, got {args.top}")
+    result = ensemble(
+        args.members, search=args.search, top=args.top, snapshots=args.snapshots, combine_method=args.combine,
+        fit_weights_on_val=args.fit_weights, data=args.data, source=args.source, part=args.part, out=args.out,
+        progress=not (args.quiet or args.json),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.summary()))
+        return 0
+    print_table(result, Console(highlight=False))
+    print(f"ensemble folder {result.out} (ensemble.json, index.html); dragon eval / predict accept it")
     return 0
 
 

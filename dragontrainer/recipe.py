@@ -327,7 +327,7 @@ class OptimSpec(Section):
     """Optimiser and its hyperparameters; `lr` is per `reference_batch_size` images."""
 
     name: str = "sgd"  # sgd | adagrad | rmsprop | adam | amsgrad | adamw | nadam | radam | adabelief | diffgrad
-    lr: float = Field(0.2, gt=0, le=100)
+    lr: float | Literal["find"] = 0.2  # find: an LR range test picks it before training (dragon lr-find)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     betas: tuple[float, float] = (0.9, 0.999)  # Adam family
@@ -344,12 +344,45 @@ class OptimSpec(Section):
     def _known(cls, name: str) -> str:
         return _check_registered("optimizer", name)
 
+    @field_validator("lr", mode="wrap")
+    @classmethod
+    def _lr_or_find(cls, value: Any, handler: Any) -> float | str:
+        if value == "find":
+            return value
+        try:
+            lr = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a positive number or 'find', got {value!r}") from None
+        if not 0 < lr <= 100:
+            raise ValueError("input should be greater than 0" if lr <= 0 else "input should be at most 100")
+        return lr
+
     @field_validator("betas")
     @classmethod
     def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"both betas must be in [0, 1), got {list(betas)}")
         return betas
+
+
+class LrFindSpec(Section):
+    """The LR range test (Smith 2017) behind `dragon lr-find` and `optim.lr=find`; lrs are effective
+    (at the training batch size), the suggestion is converted back to `optim.lr` units."""
+
+    start_lr: float = Field(1e-6, gt=0)
+    end_lr: float = Field(10.0, gt=0)
+    steps: int = Field(200, ge=20, le=100_000)  # per sweep; lr grows exponentially from start to end
+    repeats: int = Field(3, ge=1, le=50)  # sweeps with different seeds and data orders; the median wins
+    smoothing: float = Field(0.9, ge=0, lt=1)  # debiased exponential smoothing of the loss (lag ≈ β/(1−β) steps)
+    diverge_factor: float = Field(4.0, gt=1)  # a sweep stops when the smoothed loss exceeds this × its best
+    conservative_factor: float = Field(10.0, ge=1)  # conservative suggestion: lr at the loss minimum / this
+    use: Literal["steepest", "conservative"] = "steepest"  # which suggestion optim.lr=find trains with
+
+    @model_validator(mode="after")
+    def _range(self) -> LrFindSpec:
+        if self.start_lr >= self.end_lr:
+            raise ValueError(f"start_lr ({self.start_lr}) must be below end_lr ({self.end_lr})")
+        return self
 
 
 class ScheduleSpec(Section):
@@ -427,6 +460,11 @@ class TrainSpec(Section):
     deterministic: bool = False  # torch deterministic algorithms (CUDA); CPU runs repeat bitwise anyway
     shuffle: bool = True  # a new order every epoch; off only to reproduce (or diagnose) ordered data
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    snapshots: Literal["none", "cycles", "every_k"] = "none"  # weights kept for ensembles in checkpoints/snapshots/
+    snapshot_every: int = Field(5, ge=1)  # every_k: a snapshot every this many epochs
+    weight_average: Literal["none", "swa", "ema"] = "none"  # an averaged copy of the weights in checkpoints/<name>/
+    swa_start: float = Field(0.75, ge=0, lt=1)  # swa: average the weights at the end of epochs after this fraction
+    ema_decay: float = Field(0.99, gt=0, lt=1)  # ema: w ← d·w + (1−d)·w_now per step (d warmed up)
 
     _amp_switch = field_validator("amp", mode="before")(lambda v: yaml_switch(v))
 
@@ -480,6 +518,7 @@ class Recipe(Section):
     model: ModelSpec = ModelSpec()
     optim: OptimSpec = OptimSpec()
     schedule: ScheduleSpec = ScheduleSpec()
+    lr_find: LrFindSpec = LrFindSpec()
     regularize: RegularizeSpec = RegularizeSpec()
     train: TrainSpec = TrainSpec()
     monitor: MonitorSpec = MonitorSpec()
@@ -491,6 +530,15 @@ class Recipe(Section):
             raise ValueError(
                 f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be shorter "
                 f"than train.epochs ({self.train.epochs})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _snapshot_cycles_need_cycles(self) -> Recipe:
+        if self.train.snapshots == "cycles" and self.schedule.name not in ("cosine_restarts", "cyclic"):
+            raise ValueError(
+                f"train.snapshots=cycles needs a schedule with cycles (schedule.name=cosine_restarts or cyclic), "
+                f"got schedule.name={self.schedule.name}; or use train.snapshots=every_k"
             )
         return self
 

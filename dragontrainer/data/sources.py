@@ -255,7 +255,7 @@ def npz_member_sizes(path: Path) -> dict[str, int]:
                     stored = info.file_size - member.tell()  # the data after the header
                 name = info.filename.removesuffix(".npy")
                 if dtype.hasobject:
-                    raise DataError(f"{path}: array {name!r} holds object arrays, which are refused (no pickle is loaded)")
+                    raise DataError(f"{path}: array {name!r} holds object arrays: refused (no pickle is ever loaded)")
                 nbytes = array_bytes(shape, dtype.itemsize)
                 if nbytes > stored:
                     raise DataError(

@@ -179,6 +179,11 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
                       "A batch after augmentation, before preprocessing.", "augmented"),
         ],
     }  # fmt: skip
+    from dragontrainer.monitor.lr_finder import report_section
+
+    found_png, found_caption = report_section(run_dir.path)  # runs trained with optim.lr=find
+    if found_png is not None:
+        figures["Learning-rate range test"] = [image_tag(found_png, "learning-rate range test", found_caption)]
     counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
     headline = (
         "No problems found." if not counts["error"] and not counts["warning"]

@@ -53,6 +53,7 @@ from dragontrainer.train.checkpoint import (
     save_checkpoint,
 )
 from dragontrainer.train.progress import TrainProgress
+from dragontrainer.train.snapshots import ensemble_callbacks
 from dragontrainer.train.state import EpochMeter, TrainState, capture_rng, restore_rng, seed_everything
 
 
@@ -566,6 +567,10 @@ def fit(
     elif recipe.model.init == "lsuv":
         first_batch, _ = next(data.train.batches(epoch=0))
         lsuv_rescale(model, data.preprocessor.apply(first_batch))
+    if recipe.optim.lr == "find":  # the LR range test, from these very weights; the state is restored after it
+        from dragontrainer.monitor.lr_finder import resolve_found_lr
+
+        recipe = resolve_found_lr(recipe, run, model, data, augment, console, resume=resume)
     groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
     accumulate = recipe.train.accumulate_steps
     lr = effective_lr(recipe.optim, recipe.train.batch_size * accumulate)
@@ -586,6 +591,7 @@ def fit(
     tracker = create_mlflow(recipe, run)
     if tracker is not None:
         callbacks = [*callbacks, tracker]
+    callbacks = [*callbacks, *ensemble_callbacks(recipe, model, run.checkpoints, data, steps_per_epoch)]
     monitor = create_monitor(recipe, run, model, data, criterion, steps_per_epoch, resume=resume)
     loop = Loop(
         run, model, optimizer, lr_factor, criterion, augment,
