@@ -20,5 +20,15 @@ __all__ = [
     "predict",
     "report",
     "resume",
+    "search",
     "train",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """`dragontrainer.search` is imported on first use: Optuna loads only when a search runs."""
+    if name == "search":
+        from dragontrainer.study.search import search
+
+        return search
+    raise AttributeError(f"module 'dragontrainer' has no attribute {name!r}")
