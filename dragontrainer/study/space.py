@@ -233,10 +233,11 @@ def border_warnings(space: Sequence[Param], ranked: Sequence[dict[str, Any]], to
         side = border_side(param, best)
         if side is not None:
             subject = f"the best {param.key} ({fmt(best, param.integer)}) lies"
-        else:
-            side = next((s for s in ("low", "high") if sides.count(s) > len(sides) / 2), None)
-            if side is None:
+        else:  # most of the top-k (a real subset), on the side of the range where the best is
+            near = "low" if param.position(best) < 0.5 else "high"
+            if len(ranked) <= top_k or sides.count(near) <= len(sides) / 2:
                 continue
+            side = near
             subject = f"{sides.count(side)} of the top {len(sides)} {param.key} values lie"
         low, high = widened(param, side)
         if (low, high) == (param.low, param.high):

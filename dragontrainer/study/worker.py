@@ -76,15 +76,16 @@ def ranked(records: list[TrialRecord]) -> list[TrialRecord]:
 
 
 class ReportToStudy(Callback):
-    """Reports the epoch's value to the study and stops the run when the pruner says so."""
+    """Reports the epoch's value to the study and stops the run when the pruner says so (never after
+    the last epoch: there is nothing left to save, and the finished trial is worth keeping)."""
 
-    def __init__(self, trial: LiveTrial, monitor: str, *, prune: bool) -> None:
-        self.trial, self.monitor, self.prune = trial, monitor, prune
+    def __init__(self, trial: LiveTrial, monitor: str, *, prune: bool, epochs: int) -> None:
+        self.trial, self.monitor, self.prune, self.epochs = trial, monitor, prune, epochs
 
     def on_epoch_end(self, state: TrainState, logs: Logs) -> None:
         epoch = state.epoch + 1  # `state.epoch` counts completed epochs; this one completes now
         self.trial.report(as_loss(float(logs[self.monitor]), self.monitor), epoch)
-        if self.prune and self.trial.should_prune():
+        if self.prune and epoch < self.epochs and self.trial.should_prune():
             state.request_stop(f"{PRUNED_REASON} after epoch {epoch} ({self.monitor} {logs[self.monitor]:.4f})")
 
 
@@ -207,7 +208,8 @@ class Worker:
             try:
                 recipe = s.base().with_overrides({**trial.params, "run.dir": str(run_dir), "train.score_test": False,
                                                   **({"data.folds": folds, "data.fold": k} if folds > 1 else {})})  # fmt: skip
-                summaries.append(train_or_resume(recipe, run_dir, ReportToStudy(trial, monitor, prune=k == 0)))
+                reporter = ReportToStudy(trial, monitor, prune=k == 0, epochs=recipe.train.epochs)
+                summaries.append(train_or_resume(recipe, run_dir, reporter))
             except (DragonError, TrainingDiverged) as exc:
                 state, error = "FAIL", str(exc)
             if state == "FAIL":
