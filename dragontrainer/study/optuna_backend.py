@@ -45,15 +45,14 @@ def quiet() -> None:
 def create_storage(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage; SQLite waits for the file lock instead of failing when workers write at once."""
     quiet()
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
+    sqlite = url.startswith("sqlite")
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except (ImportError, ModuleNotFoundError) as exc:
-        raise RecipeError(f"--storage {url}: the database driver is missing ({exc}); pip install 'dragontrainer[postgres]'")
+        raise RecipeError(
+            f"--storage {url}: the database driver is missing ({exc}); pip install 'dragontrainer[postgres]'"
+        ) from None
     except Exception as exc:  # SQLAlchemy's connection errors: one line, not a traceback
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"--storage {url}: cannot open the study storage ({reason})") from None

@@ -147,7 +147,9 @@ def run_workers(settings: SearchSettings, folder: Path, url: str, *, workers: in
     progress.poll(storage, settings, seen)
     failed = [p.exitcode for p in processes if p.exitcode != 0]
     if failed:
-        raise RunError(f"{len(failed)} search worker(s) stopped with exit code {failed[0]}; run the same command to continue")
+        raise RunError(
+            f"{len(failed)} search worker(s) stopped with exit code {failed[0]}; run the same command to continue"
+        )
 
 
 class SearchProgress:
@@ -172,10 +174,10 @@ class SearchProgress:
         for stage in range(1, settings.stages + 1):
             study = Study(storage, settings.study_name(stage), settings.sampler, "none", seed=0, max_epochs=1)
             for record in study.trials(settings.params()):
-                if record.number < settings.trials and record.state not in ("RUNNING", "WAITING"):
-                    if (stage, record.number) not in seen:
-                        seen.add((stage, record.number))
-                        self.trial_end(stage, record)
+                finished = record.number < settings.trials and record.state not in ("RUNNING", "WAITING")
+                if finished and (stage, record.number) not in seen:
+                    seen.add((stage, record.number))
+                    self.trial_end(stage, record)
 
 
 def format_value(value: Any) -> str:

@@ -167,6 +167,7 @@ img{{margin:4px;border:1px solid #eee}}</style></head>
 <h2>Ranges of each stage</h2><table><tr><th>stage</th>{stage_head}</tr>{stage_rows}</table>
 <h2>Value against each parameter</h2><div>{plots}</div>
 <h2>Optimisation history</h2><img alt="optimisation history" src="data:image/png;base64,{plot_history(result.trials)}">
-<h2>Parameter importance (fANOVA, stage 1)</h2><table>{importance or "<tr><td>too few complete trials</td></tr>"}</table>
+<h2>Parameter importance (fANOVA, stage 1)</h2>
+<table>{importance or "<tr><td>too few complete trials</td></tr>"}</table>
 </body></html>
 """

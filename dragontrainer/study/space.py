@@ -80,7 +80,9 @@ def load_space(path: str | Path | Mapping[str, Any], base: Recipe) -> list[Param
     origin = str(path) if isinstance(path, (str, Path)) else "space"
     raw = read_yaml_mapping(Path(path)) if isinstance(path, (str, Path)) else dict(path)
     if not raw:
-        raise RecipeError(f"{origin}: the space is empty; give dotted.key: {{low: ..., high: ...}} or {{choices: [...]}}")
+        raise RecipeError(
+            f"{origin}: the space is empty; give dotted.key: {{low: ..., high: ...}} or {{choices: [...]}}"
+        )
     known = schema_keys()
     params = []
     for key, spec in raw.items():

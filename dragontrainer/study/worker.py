@@ -123,8 +123,8 @@ class Worker:
 
     def open_study(self, storage: Any, stage: int) -> Study:
         s = self.settings
-        return Study(storage, s.study_name(stage), s.sampler, s.pruner, seed=s.seed + 7919 * stage + 104729 * self.index,
-                     max_epochs=s.base().train.epochs)  # fmt: skip
+        seed = s.seed + 7919 * stage + 104729 * self.index  # distinct draws per stage and per worker
+        return Study(storage, s.study_name(stage), s.sampler, s.pruner, seed=seed, max_epochs=s.base().train.epochs)
 
     def open_stage(self, storage: Any, stage: int) -> tuple[Study, list[Param]]:
         """Stage 1 searches the given ranges; each later stage narrows them around the previous stage's
@@ -165,12 +165,15 @@ class Worker:
                 trial = self.choose(study, space, stage, trial_lock)
             yield trial
 
-    def choose(self, study: Study, space: list[Param], stage: int, trial_lock: contextlib.ExitStack) -> LiveTrial | None:
+    def choose(
+        self, study: Study, space: list[Param], stage: int, trial_lock: contextlib.ExitStack
+    ) -> LiveTrial | None:
         records = self.real(study.trials(space))
         for record in records:
-            if record.state == "RUNNING" and self.started_here(record):
-                if trial_lock.enter_context(file_lock(self.lock_path(stage, record.number), wait=False)) is not None:
-                    return study.adopt(record.number, space)
+            if record.state != "RUNNING" or not self.started_here(record):
+                continue
+            if trial_lock.enter_context(file_lock(self.lock_path(stage, record.number), wait=False)) is not None:
+                return study.adopt(record.number, space)  # its process died: continue it
         if len(records) >= self.settings.trials:
             return None
         trial = study.ask(space)
@@ -206,8 +209,10 @@ class Worker:
         state, error = "COMPLETE", None
         for k, run_dir in enumerate(run_dirs):
             try:
-                recipe = s.base().with_overrides({**trial.params, "run.dir": str(run_dir), "train.score_test": False,
-                                                  **({"data.folds": folds, "data.fold": k} if folds > 1 else {})})  # fmt: skip
+                fold = {"data.folds": folds, "data.fold": k} if folds > 1 else {}
+                recipe = s.base().with_overrides(
+                    {**trial.params, **fold, "run.dir": str(run_dir), "train.score_test": False}
+                )
                 reporter = ReportToStudy(trial, monitor, prune=k == 0, epochs=recipe.train.epochs)
                 summaries.append(train_or_resume(recipe, run_dir, reporter))
             except (DragonError, TrainingDiverged) as exc:
@@ -269,7 +274,9 @@ def findings_of(run_dir: Path) -> list[str]:
 
 def compact(findings: list[dict[str, Any]]) -> list[str]:
     """Errors and warnings as one line each: `error lr_too_high: <verdict>`."""
-    return [f"{f['severity']} {f['key']}: {f['verdict']}" for f in findings if f.get("severity") in ("error", "warning")]
+    return [
+        f"{f['severity']} {f['key']}: {f['verdict']}" for f in findings if f.get("severity") in ("error", "warning")
+    ]
 
 
 def epochs_run(run_dir: Path) -> int:

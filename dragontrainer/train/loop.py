@@ -26,8 +26,8 @@ from torch import nn
 
 from dragontrainer.data.augment import Augmenter, create_augmenter, flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
-from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.memo import load_images_once
+from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet
 from dragontrainer.data.split import Split, split_for
 from dragontrainer.errors import RecipeError
@@ -626,7 +626,8 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
     val = [r for r in history if r["split"] == "val"]
     best = next((r for r in val if r["epoch"] == state.best_epoch), val[-1])
     test = None
-    if recipe.train.score_test and loop.data.test is not None and checkpoint_folder(loop.run.checkpoints / "best") is not None:
+    scored = recipe.train.score_test and loop.data.test is not None  # search trials never look at test
+    if scored and checkpoint_folder(loop.run.checkpoints / "best") is not None:
         load_model_weights(loop.run.checkpoints / "best", loop.model)
         test = loop.evaluate(loop.data.test)
     result = TrainResult(

@@ -20,8 +20,8 @@ import yaml
 
 import dragontrainer
 from dragontrainer.cli import main
-from dragontrainer.data.split import split_for
 from dragontrainer.data.sources import load_images
+from dragontrainer.data.split import split_for
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import read_jsonl
 from dragontrainer.study.space import Param
@@ -48,7 +48,10 @@ def test_misplaced_learning_rate_range_warns_at_the_border(capsys: pytest.Captur
     argv = ["search", str(space), *FAST, "--trials", "8", "--pruner", "none", "--seed", "20", "--out", str(out)]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    expected = "warning: the best optim.lr (9.6e-06) lies at the border of its range [1e-06, 1e-05]: widen it to [1e-06, 1e-04]"
+    expected = (
+        "warning: the best optim.lr (9.6e-06) lies at the border of its range [1e-06, 1e-05]: "
+        "widen it to [1e-06, 1e-04]"
+    )
     assert expected in captured.out and "trial 8/8" in captured.err
     assert expected in (out / "index.html").read_text()
     trials = json.loads((out / "trials.json").read_text())

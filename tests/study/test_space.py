@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
@@ -32,7 +31,10 @@ BASE = Recipe()
     ],
 )
 def test_every_key_and_value_is_checked_before_any_trial(space: dict, message: str) -> None:
-    with pytest.raises(RecipeError, match="space: .*" + message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.").replace("?", r"\?")):
+    with pytest.raises(
+        RecipeError,
+        match="space: .*" + message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.").replace("?", r"\?"),
+    ):
         load_space(space, BASE)
 
 
@@ -68,7 +70,8 @@ def test_border_warning_names_the_value_and_the_widened_range() -> None:
     lr = Param("optim.lr", 1e-6, 1e-5, log=True, hard_low=0, hard_high=100)
     ranked = [{"optim.lr": 9.6e-6}, {"optim.lr": 8e-6}, {"optim.lr": 3e-6}]
     assert border_warnings([lr], ranked, top_k=5) == [
-        "warning: the best optim.lr (9.6e-06) lies at the border of its range [1e-06, 1e-05]: widen it to [1e-06, 1e-04]"
+        "warning: the best optim.lr (9.6e-06) lies at the border of its range [1e-06, 1e-05]: "
+        "widen it to [1e-06, 1e-04]"
     ]
     assert border_warnings([lr], [{"optim.lr": 3.2e-6}, {"optim.lr": 5e-6}], top_k=5) == []  # inside: quiet
     low = border_warnings([lr], [{"optim.lr": 1.1e-6}], top_k=5)
