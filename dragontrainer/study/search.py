@@ -128,11 +128,19 @@ def run_workers(settings: SearchSettings, folder: Path, url: str, *, workers: in
     for stage in range(1, settings.stages + 1):
         Study(storage, settings.study_name(stage), settings.sampler, settings.pruner, seed=settings.seed,
               max_epochs=1)  # fmt: skip
-    total = settings.trials * settings.stages
-    progress = SearchProgress(console, total)
-    if workers == 1:
-        Worker(settings, folder, url, 0, on_trial_end=progress.trial_end, local_storage=local).run()
-        return
+    with SearchProgress(console, settings.trials * settings.stages) as progress:
+        seen: set[tuple[int, int]] = set()
+        progress.poll(storage, settings, seen, quietly=True)  # a continued search counts what is done
+        if workers == 1:
+            Worker(settings, folder, url, 0, on_trial_end=progress.trial_end, local_storage=local).run()
+        else:
+            watch_workers(settings, folder, url, workers=workers, local=local, progress=progress, seen=seen)
+
+
+def watch_workers(settings: SearchSettings, folder: Path, url: str, *, workers: int, local: bool,
+                  progress: SearchProgress, seen: set[tuple[int, int]]) -> None:  # fmt: skip
+    """Spawn the worker processes and report their finished trials from the storage until all exit."""
+    storage = create_storage(url)
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads
     processes = [
         context.Process(target=worker_main, args=(settings, str(folder), url, i, local), daemon=False)
@@ -140,7 +148,6 @@ def run_workers(settings: SearchSettings, folder: Path, url: str, *, workers: in
     ]
     for process in processes:
         process.start()
-    seen: set[tuple[int, int]] = set()
     while any(p.is_alive() for p in processes):
         time.sleep(1.0)
         progress.poll(storage, settings, seen)
@@ -153,15 +160,30 @@ def run_workers(settings: SearchSettings, folder: Path, url: str, *, workers: in
 
 
 class SearchProgress:
-    """A bar over trials on a terminal; one line per finished trial otherwise (logs, CI)."""
+    """One line per finished trial, and on a terminal a bar over all trials below them."""
 
     def __init__(self, console: Console, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         self.console, self.total, self.done, self.best = console, total, 0, float("inf")
+        self.bar = Progress(
+            TextColumn("trials"), BarColumn(bar_width=30), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
+            TimeElapsedColumn(), console=console, disable=not console.is_terminal or console.quiet,
+        )  # fmt: skip
+        self.task = self.bar.add_task("trials", total=total, best="—")
+
+    def __enter__(self) -> SearchProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
 
     def trial_end(self, stage: int, record: TrialRecord) -> None:
         self.done += 1
         if record.state == "COMPLETE" and record.value is not None:
             self.best = min(self.best, record.value)
+        self.bar.update(self.task, completed=self.done, best=f"{self.best:.4f}" if self.best < float("inf") else "—")
         value = "—" if record.value is None else f"{record.value:.4f}"
         params = "  ".join(f"{k}={format_value(v)}" for k, v in record.params.items())
         self.console.print(
@@ -170,14 +192,20 @@ class SearchProgress:
             highlight=False, markup=False, soft_wrap=True,
         )  # fmt: skip
 
-    def poll(self, storage: Any, settings: SearchSettings, seen: set[tuple[int, int]]) -> None:
+    def poll(
+        self, storage: Any, settings: SearchSettings, seen: set[tuple[int, int]], *, quietly: bool = False
+    ) -> None:
+        """Report the trials finished since the last look (`quietly`: only count them)."""
         for stage in range(1, settings.stages + 1):
             study = Study(storage, settings.study_name(stage), settings.sampler, "none", seed=0, max_epochs=1)
             for record in study.trials(settings.params()):
                 finished = record.number < settings.trials and record.state not in ("RUNNING", "WAITING")
                 if finished and (stage, record.number) not in seen:
                     seen.add((stage, record.number))
-                    self.trial_end(stage, record)
+                    if quietly:
+                        self.done += 1
+                    else:
+                        self.trial_end(stage, record)
 
 
 def format_value(value: Any) -> str:
