@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=1, help="score each trial as the mean over K stratified folds")
     p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
     p.add_argument("--storage", help="study storage URL (default: sqlite in the search folder; postgresql://...)")
-    p.add_argument("--out", help="search folder (default search/<time>); the same command continues it")
+    p.add_argument("--out", help="search folder (default search/<space>-<hash of the settings>); rerun to continue")
     p.add_argument("--sampler", default="random", choices=["random", "tpe", "qmc"])
     p.add_argument("--pruner", default="halving", choices=["none", "median", "halving", "hyperband"])
     p.add_argument("--top-k", type=int, default=5, help="trials that narrow the next stage and are checked at borders")

@@ -94,7 +94,9 @@ def search(
     params = load_space(space, base)  # every key and value validated before anything is created
     settings = SearchSettings(base.model_dump(mode="json"), [p.to_dict() for p in params], trials, stages, folds,
                               sampler, pruner, seed, top_k)  # fmt: skip
-    folder = Path(out) if out is not None else Path("search") / time.strftime("%Y%m%d-%H%M%S")
+    # the default folder is named by the settings, so the same command finds (and continues) it
+    stem = Path(space).stem if isinstance(space, (str, Path)) else "space"
+    folder = Path(out) if out is not None else Path("search") / f"{stem}-{settings.key()[:8]}"
     prepare_folder(folder, settings)
     url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     local = storage is None or storage.startswith("sqlite")

@@ -103,6 +103,7 @@ def plot_param(param: Param, trials: list[dict[str, Any]], warning: str | None) 
     if warning:
         axis.set_title(warning.removeprefix("warning: "), fontsize=7, color="C3", wrap=True)
     axis.set(xlabel=param.key + (" (log)" if param.log else ""), ylabel="value (lower is better)")
+    axis.ticklabel_format(axis="y", useOffset=False)
     axis.legend(fontsize=7)
     return png(figure)
 
