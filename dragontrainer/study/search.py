@@ -97,9 +97,11 @@ def search(
     # the default folder is named by the settings, so the same command finds (and continues) it
     stem = Path(space).stem if isinstance(space, (str, Path)) else "space"
     folder = Path(out) if out is not None else Path("search") / f"{stem}-{settings.key()[:8]}"
+    local = storage is None or storage.startswith("sqlite")
+    if not local:
+        create_storage(storage)  # an unreachable server is refused before any folder is made
     prepare_folder(folder, settings)
     url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
-    local = storage is None or storage.startswith("sqlite")
     console = console or Console(stderr=True, quiet=not progress)
     run_workers(settings, folder, url, workers=workers, local=local, console=console)
     return collect(settings, folder, url)

@@ -51,12 +51,13 @@ def print_summary(result: SearchResult, settings: SearchSettings, console: Conso
     if settings.stages > 1:
         for stage in result.stages:
             ranges = "  ".join(f"{k} {v}" for k, v in stage["ranges"].items())
-            console.print(f"stage {stage['stage']}: {escape(ranges)}", highlight=False)
+            console.print(f"stage {stage['stage']}: {escape(ranges)}", highlight=False, soft_wrap=True)
     for warning in result.warnings:
         console.print(f"[yellow]{escape(warning)}[/]", highlight=False, soft_wrap=True)
     first = result.importances.get("1") or {}
     if first:
-        console.print("importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in first.items()), highlight=False)
+        line = "importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in first.items())
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(f"search folder {escape(str(result.out))} (index.html, trials.csv, best.yaml)", highlight=False)
 
 

@@ -40,6 +40,8 @@ class Param:
     choices: list[Any] | None = None
     hard_low: float | None = None  # the schema's own limits: no border warning, no widening past them
     hard_high: float | None = None
+    open_low: bool = False  # the limit itself is excluded (lr > 0): widening stops short of it
+    open_high: bool = False
 
     @property
     def numeric(self) -> bool:
@@ -132,7 +134,8 @@ def parse_param(key: str, spec: Any, where: str, base: Recipe) -> Param:
     for value in (low, high):
         check_value(base, key, int(value) if integer else float(value), where)
     cast = int if integer else float
-    return Param(key, cast(low), cast(high), bool(log), integer, None, hard_low, hard_high)
+    open_low, open_high = open_limits(key)
+    return Param(key, cast(low), cast(high), bool(log), integer, None, hard_low, hard_high, open_low, open_high)
 
 
 def check_value(base: Recipe, key: str, value: Any, where: str) -> None:
@@ -142,14 +145,26 @@ def check_value(base: Recipe, key: str, value: Any, where: str) -> None:
         raise RecipeError(f"{where}: {value!r} is not a valid value ({exc})") from None
 
 
-def schema_limits(key: str) -> tuple[float | None, float | None]:
-    """The schema's ge/gt and le/lt bounds of a numeric key (None when unbounded)."""
+def field_rules(key: str) -> list[Any]:
     section: type[BaseModel] = Recipe
     *parents, leaf = key.split(".")
     for part in parents:
         section = section.model_fields[part].annotation  # type: ignore[assignment]
+    return list(section.model_fields[leaf].metadata)
+
+
+def open_limits(key: str) -> tuple[bool, bool]:
+    """Whether the schema's lower / upper limit is itself excluded (gt / lt)."""
+    rules = field_rules(key)
+    return any(getattr(r, "gt", None) is not None for r in rules), any(
+        getattr(r, "lt", None) is not None for r in rules
+    )
+
+
+def schema_limits(key: str) -> tuple[float | None, float | None]:
+    """The schema's ge/gt and le/lt bounds of a numeric key (None when unbounded)."""
     low = high = None
-    for rule in section.model_fields[leaf].metadata:
+    for rule in field_rules(key):
         low = getattr(rule, "ge", None) if getattr(rule, "ge", None) is not None else low
         low = getattr(rule, "gt", None) if getattr(rule, "gt", None) is not None else low
         high = getattr(rule, "le", None) if getattr(rule, "le", None) is not None else high
@@ -190,16 +205,16 @@ def narrow(space: Sequence[Param], top: Sequence[dict[str, Any]]) -> list[Param]
 
 def widened(param: Param, side: str) -> tuple[float, float]:
     """The range stretched by its own width (a factor high/low in log space) past the border side; past
-    a limit of the schema it stops halfway to that limit (which may itself be excluded, as lr > 0)."""
+    a limit of the schema it stops at the limit, or halfway to it when the limit is excluded (dropout < 1)."""
     low, high = param.low, param.high
     if side == "low":
         low = low / (high / low) if param.log else low - (high - low)
         if param.hard_low is not None and low <= param.hard_low:
-            low = (param.hard_low + param.low) / 2
+            low = (param.hard_low + param.low) / 2 if param.open_low else param.hard_low
     else:
         high = high * (high / low) if param.log else high + (high - low)
         if param.hard_high is not None and high >= param.hard_high:
-            high = (param.hard_high + param.high) / 2
+            high = (param.hard_high + param.high) / 2 if param.open_high else param.hard_high
     if param.integer:
         low, high = math.ceil(low), math.floor(high)
     return low, high

@@ -131,7 +131,8 @@ class Worker:
         top-k (every worker derives the same ranges from the finished trials)."""
         space = self.settings.params()
         for previous in range(1, stage):
-            top = ranked(self.open_study(storage, previous).trials(space))[: self.settings.top_k]
+            done = ranked(self.open_study(storage, previous).trials(space))
+            top = done[: min(self.settings.top_k, max(2, len(done) // 2))]  # the better half at most
             space = narrow(space, [t.params for t in top])
         study = self.open_study(storage, stage)
         if study.attr("space") is None:

@@ -111,3 +111,8 @@ def test_narrowing_closes_in_on_the_top_trials_in_log_space() -> None:
     assert math.log(new_lr.high / new_lr.low) < 0.5 * math.log(lr.high / lr.low)
     assert 1 <= new_depth.low <= 3 and 4 <= new_depth.high < 8 and isinstance(new_depth.low, int)
     assert new_init == init
+
+
+def test_widening_stops_at_an_inclusive_schema_limit() -> None:
+    lr = load_space({"optim.lr": {"low": 0.01, "high": 10.0}}, BASE)[0]
+    assert widened(lr, "high") == (0.01, 100)  # optim.lr <= 100: the limit itself is allowed
