@@ -31,5 +31,15 @@ __all__ = [
     "register_model",
     "report",
     "resume",
+    "search",
     "train",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """`dragontrainer.search` is imported on first use: Optuna loads only when a search runs."""
+    if name == "search":
+        from dragontrainer.study.search import search
+
+        return search
+    raise AttributeError(f"module 'dragontrainer' has no attribute {name!r}")

@@ -83,7 +83,9 @@ def report(run_dir: str | Path) -> tuple[Path, list[Any]]:
     return write_report(run_dir)
 
 
-def resume(run_dir: str | Path, *, progress: bool = False, console: Console | None = None) -> TrainResult:
+def resume(
+    run_dir: str | Path, *, progress: bool = False, console: Console | None = None, callbacks: Sequence[Callback] = ()
+) -> TrainResult:
     """Continue a stopped run from its `last` checkpoint; the result equals an uninterrupted run's."""
     run = RunDir.open(run_dir)
     with run.lock():
@@ -91,7 +93,7 @@ def resume(run_dir: str | Path, *, progress: bool = False, console: Console | No
         has_checkpoint = checkpoint_folder(run.checkpoints / "last") is not None
         if not has_checkpoint:
             run.keep_metrics_through(0)  # killed before the first checkpoint: start again
-        return fit(run.recipe(), run, resume=has_checkpoint, progress=progress, console=console)
+        return fit(run.recipe(), run, resume=has_checkpoint, progress=progress, callbacks=callbacks, console=console)
 
 
 @dataclass

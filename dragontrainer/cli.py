@@ -153,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print summary.json's runs as one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = command("search", cmd_search, "hyperparameter search: dragon search [recipe.yaml] space.yaml [key=value ...]")
+    p.add_argument("items", nargs="+", metavar="recipe.yaml | space.yaml | key=value")
+    p.add_argument("--trials", type=int, default=20, help="trials per stage (default 20)")
+    p.add_argument("--stages", type=int, default=1, help="coarse-to-fine stages: each narrows the ranges (default 1)")
+    p.add_argument("--folds", type=int, default=1, help="score each trial as the mean over K stratified folds")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
+    p.add_argument("--storage", help="study storage URL (default: sqlite in the search folder; postgresql://...)")
+    p.add_argument("--out", help="search folder (default search/<space>-<hash of the settings>); rerun to continue")
+    p.add_argument("--sampler", default="random", choices=["random", "tpe", "qmc"])
+    p.add_argument("--pruner", default="halving", choices=["none", "median", "halving", "hyperband"])
+    p.add_argument("--top-k", type=int, default=5, help="trials that narrow the next stage and are checked at borders")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--json", action="store_true", help="print trials.json's trials as one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
     p = command("doctor", cmd_doctor, "pre-flight checks of a recipe: dragon doctor [recipe.yaml] [key=value ...]")
     p.add_argument("items", nargs="*", metavar="recipe.yaml | key=value")
     p.add_argument("--json", action="store_true", help="print the checks as one JSON line")
@@ -396,6 +411,34 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         return 0
     print_table(result, Console(highlight=False))
     print(f"ensemble folder {result.out} (ensemble.json, index.html); dragon eval / predict accept it")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from dragontrainer.study.search import search
+    from dragontrainer.study.search_page import print_summary
+    from dragontrainer.study.worker import SearchSettings
+    from dragontrainer.train.loop import TrainingInterrupted
+
+    files = [item for item in args.items if "=" not in item]
+    overrides = [item for item in args.items if "=" in item]
+    if not 1 <= len(files) <= 2:
+        raise RecipeError("dragon search: give [recipe.yaml] space.yaml, then any key=value overrides")
+    recipe, space = (None, files[0]) if len(files) == 1 else files
+    console = Console(stderr=True, quiet=args.quiet)
+    try:
+        result = search(recipe, space, overrides=overrides, trials=args.trials, stages=args.stages, folds=args.folds,
+                        workers=args.workers, storage=args.storage, out=args.out, sampler=args.sampler,
+                        pruner=args.pruner, seed=args.seed, top_k=args.top_k, progress=not args.quiet,
+                        console=console)  # fmt: skip
+    except TrainingInterrupted as exc:
+        print(f"dragon: search interrupted ({exc}); run the same command to continue the search", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps({"out": str(result.out), "warnings": result.warnings, "trials": result.trials}))
+    else:
+        settings = SearchSettings(**json.loads((result.out / "search.json").read_text(encoding="utf-8")))
+        print_summary(result, settings, Console(highlight=False))
     return 0
 
 

@@ -54,6 +54,8 @@ class DataSpec(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)  # stratified validation split
     test_fraction: float = Field(0.0, ge=0, lt=1)  # optional held-out test split, scored at the end
     split_seed: int = Field(0, ge=0, le=MAX_SEED)  # the split stays fixed when only `seed` changes
+    folds: int = Field(1, ge=1, le=100)  # >1: K stratified folds of the non-test images (val_fraction unused)
+    fold: int = Field(0, ge=0)  # with folds: which fold is the validation set (0 .. folds-1)
 
     @field_validator("source")
     @classmethod
@@ -67,6 +69,12 @@ class DataSpec(Section):
                 f"val_fraction + test_fraction must be below 0.95 to leave training images, "
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _fold_exists(self) -> DataSpec:
+        if self.fold >= self.folds:
+            raise ValueError(f"fold must be below folds ({self.folds}), got fold {self.fold}")
         return self
 
 
@@ -459,6 +467,7 @@ class TrainSpec(Section):
     amp: Literal["auto", "on", "off"] = "auto"  # bfloat16 autocast; auto: on for CUDA only
     deterministic: bool = False  # torch deterministic algorithms (CUDA); CPU runs repeat bitwise anyway
     shuffle: bool = True  # a new order every epoch; off only to reproduce (or diagnose) ordered data
+    score_test: bool = True  # score the best weights on the test split at the end (search trials never do)
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     snapshots: Literal["none", "cycles", "every_k"] = "none"  # weights kept for ensembles in checkpoints/snapshots/
     snapshot_every: int = Field(5, ge=1)  # every_k: a snapshot every this many epochs

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dragontrainer.errors import DataError
+
+if TYPE_CHECKING:
+    from dragontrainer.recipe import DataSpec
 
 
 @dataclass(frozen=True)
@@ -51,3 +55,29 @@ def stratified_split(y: np.ndarray, val_fraction: float, test_fraction: float, s
 def _share(count: int, fraction: float) -> int:
     """Rounded share of a class, at least 1 whenever the fraction is positive."""
     return 0 if fraction <= 0 else max(1, round(count * fraction))
+
+
+def split_for(y: np.ndarray, spec: DataSpec) -> Split:
+    """The split a recipe's `data` section asks for: a validation fraction, or fold `fold` of `folds`."""
+    if spec.folds == 1:
+        return stratified_split(y, spec.val_fraction, spec.test_fraction, spec.split_seed)
+    return fold_split(y, spec.folds, spec.fold, spec.test_fraction, spec.split_seed)
+
+
+def fold_split(y: np.ndarray, folds: int, fold: int, test_fraction: float, seed: int) -> Split:
+    """K-fold cross-validation: the test split is carved out first (the same for every fold), then the
+    rest is cut into `folds` stratified folds (scikit-learn's StratifiedKFold); fold `fold` validates."""
+    from sklearn.model_selection import StratifiedKFold
+
+    held_out = stratified_split(y, 0.0, test_fraction, seed)
+    pool = held_out.train
+    counts = np.bincount(y[pool])
+    smallest = int(counts[counts > 0].min())
+    if smallest < folds:
+        raise DataError(
+            f"data.folds={folds}: the smallest class has {smallest} image(s) outside the test split; "
+            f"stratified folds need at least {folds} per class (lower data.folds or add images)"
+        )
+    cuts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)), y[pool])
+    train, val = list(cuts)[fold]
+    return Split(np.sort(pool[train]), np.sort(pool[val]), held_out.test)

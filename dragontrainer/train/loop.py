@@ -26,9 +26,10 @@ from torch import nn
 from dragontrainer.console import text
 from dragontrainer.data.augment import Augmenter, create_augmenter, flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
+from dragontrainer.data.memo import load_images_once
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
-from dragontrainer.data.sources import ImageSet, load_images
-from dragontrainer.data.split import Split, stratified_split
+from dragontrainer.data.sources import ImageSet
+from dragontrainer.data.split import Split, split_for
 from dragontrainer.errors import DataError, RecipeError, RunError
 from dragontrainer.monitor.mlflow import create_mlflow
 from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_parameters
@@ -168,11 +169,11 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
-    images = load_images(recipe.data)
+    images = load_images_once(recipe.data)  # from memory when a search worker already loaded them
     if len(np.unique(images.y)) < 2:
         raise DataError(f"{recipe.data.path or recipe.data.source}: every image has the same label; "
                         "a classifier needs at least two classes")  # fmt: skip
-    split = stratified_split(images.y, recipe.data.val_fraction, recipe.data.test_fraction, recipe.data.split_seed)
+    split = split_for(images.y, recipe.data)
     x = torch.from_numpy(images.x)
     y = torch.from_numpy(images.y)
     preprocessor = create_preprocessor(recipe.preprocess).fit(x[split.train])
@@ -650,7 +651,8 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
     val = [r for r in history if r["split"] == "val"]
     best = next((r for r in val if r["epoch"] == state.best_epoch), val[-1])
     test = None
-    if loop.data.test is not None and checkpoint_folder(loop.run.checkpoints / "best") is not None:
+    scored = recipe.train.score_test and loop.data.test is not None  # search trials never look at test
+    if scored and checkpoint_folder(loop.run.checkpoints / "best") is not None:
         load_model_weights(loop.run.checkpoints / "best", loop.model)
         test = loop.evaluate(loop.data.test)
     result = TrainResult(
