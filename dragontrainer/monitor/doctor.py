@@ -23,7 +23,7 @@ from torch import nn
 from dragontrainer.monitor.diagnose import expected_distinct_classes
 from dragontrainer.monitor.stats import input_problem, input_summary
 from dragontrainer.nn.models import create_model
-from dragontrainer.optim.optimizers import create_optimizer, effective_lr
+from dragontrainer.optim.optimizers import base_lr, create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.recipe import Recipe
 from dragontrainer.train.loop import PreparedData, configure_determinism, prepare_data, resolve_device
@@ -307,7 +307,7 @@ def lr_probe(patient: Patient) -> Check:
     described = ", ".join(f"{k} {v:.0%}" if math.isfinite(v) else f"{k} diverged" for k, v in drops.items())
     if drops["lr"] == -math.inf:
         return Check("lr_probe", "fail", f"the loss diverged within 20 steps at lr {lr:.3g} ({described}): "
-                     f"lower it (optim.lr={recipe.optim.lr / 10:.3g})", numbers)  # fmt: skip
+                     f"lower it (optim.lr={base_lr(recipe.optim) / 10:.3g})", numbers)  # fmt: skip
     if drops["lr"] <= 0:
         return Check("lr_probe", "warn", f"the loss did not fall in 20 steps at lr {lr:.3g} ({described})", numbers)
     return Check("lr_probe", "pass", f"loss drop over 20 steps: {described}", numbers)

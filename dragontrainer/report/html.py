@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from dragontrainer.monitor.diagnose import Finding, RunRecords, diagnose
+from dragontrainer.optim.optimizers import base_lr
 from dragontrainer.run import RunDir, atomic_write_json, atomic_write_text
 
 STYLE = """
@@ -64,7 +65,7 @@ def summary_table(run: RunRecords, result: dict[str, Any] | None) -> str:
             ("images", f"{run.data['num_train']} train / {run.data['num_val']} val / {run.data['num_test']} test"),
             ("model", f"{run.recipe.model.name}, {run.recipe.model.activation}, norm {run.recipe.model.norm}, "
                       f"init {run.recipe.model.init}"),
-            ("optimiser", f"{run.recipe.optim.name} lr {run.recipe.optim.lr:g}, "
+            ("optimiser", f"{run.recipe.optim.name} lr {run.recipe.optim.lr} ({base_lr(run.recipe.optim):g}), "
                           f"schedule {run.recipe.schedule.name}")]  # fmt: skip
     if run.val:
         # the best checkpoint is chosen by train.early_stopping.monitor, as the CLI reports it

@@ -35,7 +35,7 @@ from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboar
 from dragontrainer.nn.init import lsuv_rescale
 from dragontrainer.nn.models import count_parameters, create_model
 from dragontrainer.nn.pretrained import load_pretrained
-from dragontrainer.optim.optimizers import create_optimizer, effective_lr
+from dragontrainer.optim.optimizers import base_lr, create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
 from dragontrainer.optim.schedules import LrFactor, create_schedule
@@ -575,7 +575,7 @@ def fit(
         run, model, optimizer, lr_factor, criterion, augment,
         torch.Generator(device).manual_seed(recipe.seed + 1), data,
         autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
-        accumulate, recipe.augment.tta_flip, recipe.optim.lr, recipe.monitor, monitor, console,
+        accumulate, recipe.augment.tta_flip, base_lr(recipe.optim), recipe.monitor, monitor, console,
         create_tensorboard(recipe.monitor, run),
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
