@@ -30,6 +30,7 @@ from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet, load_images
 from dragontrainer.data.split import Split, stratified_split
 from dragontrainer.errors import RecipeError
+from dragontrainer.monitor.evidence import label_noise_record, probe_loader
 from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_parameters
 from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboard
 from dragontrainer.nn.init import lsuv_rescale
@@ -268,6 +269,7 @@ class Loop:
     monitor: Monitor | None = None
     console: Console | None = None
     tensorboard: TensorBoardSink | None = None
+    eval_probe: DeviceLoader | None = None  # fixed training images scored in eval mode every epoch (diagnosis)
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -445,6 +447,10 @@ class Loop:
             "accuracy": meter.accuracy(), "lr": self.current_lr(), "images": meter.seen,
             "seconds": meter.seconds, "images_per_second": meter.seen / max(meter.seconds, 1e-9),
         }  # fmt: skip
+        if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
+            probe = self.evaluate(self.eval_probe)
+            train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
+                                eval_images=self.eval_probe.num_images)  # fmt: skip
         val_record = {"epoch": epoch, "split": "val", "step": state.global_step, **val}
         logs = {"train_loss": train_record["loss"], "train_accuracy": train_record["accuracy"],
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"]}  # fmt: skip
@@ -517,6 +523,9 @@ def create_monitor(
     if not resume:  # a fresh start (also after a kill before the first checkpoint): a fresh file
         run.keep_stats_through(-1)
         run.append_stats([monitor.probe_record(data.num_classes, train.y[index])])
+        from dragontrainer.monitor.doctor import start_checks
+
+        run.append_stats([start_checks(recipe, data, device)])
     return monitor
 
 
@@ -577,6 +586,7 @@ def fit(
         autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
         accumulate, recipe.augment.tta_flip, base_lr(recipe.optim), recipe.monitor, monitor, console,
         create_tensorboard(recipe.monitor, run),
+        eval_probe=probe_loader(data.train, recipe.train.eval_batch_size) if monitor is not None else None,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
     if resume:
@@ -646,9 +656,25 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         history=history,
     )
     atomic_write_json(loop.run.file("result.json"), result.summary())
+    if loop.monitor is not None and recipe.monitor.report:
+        write_label_noise(loop, recipe, state)
     if recipe.monitor.report:
         result.findings = report_run(loop.run, loop.console or Console(stderr=True, quiet=True))
     return result
+
+
+def write_label_noise(loop: Loop, recipe: Recipe, state: TrainState) -> None:
+    """Confident learning on the best checkpoint's features (monitor/evidence.py): a `label_noise` line
+    in stats.jsonl and suspect_labels.csv. Failing to estimate it is reported, never fatal."""
+    if checkpoint_folder(loop.run.checkpoints / "best") is not None:
+        load_model_weights(loop.run.checkpoints / "best", loop.model)
+    try:
+        record = label_noise_record(loop.model, loop.data, loop.run, recipe.seed, state.global_step)
+    except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
+        if loop.console is not None:
+            loop.console.print(f"[yellow]label noise could not be estimated: {escape(str(exc))}[/]")
+        return
+    loop.run.append_stats([record])
 
 
 def report_run(run: RunDir, console: Console) -> list[dict[str, Any]]:
