@@ -138,9 +138,12 @@ def label_noise(run: RunRecords) -> Finding | None:
     """Confident learning on out-of-sample predictions: training images whose given label the model
     confidently disagrees with, and the estimated share of wrong labels."""
     records = run.kind("label_noise")
+    best_val = max((r["accuracy"] for r in run.val), default=0.0)
     if not records or records[-1]["rate"] < 0.05:
         return None  # clean data (every real set has a few ambiguous images)
     noise = records[-1]
+    if noise["rate"] < 0.5 * (1 - best_val):
+        return None  # wrong labels explain little of the validation error: a weak model, not bad labels
     return Finding(
         "label_noise", "warning" if noise["rate"] >= 0.1 else "info",
         f"noisy labels: about {pct(noise['rate'])} of the training labels look wrong (confident learning on "

@@ -50,7 +50,9 @@ def over_regularisation(run: RunRecords) -> Finding | None:
     """Strong regularisation keeps the model from fitting even its training data (eval mode)."""
     fit, strong = run.fit, strong_regularisation(run.recipe, run.lr)
     if not strong or fit is None or fit.train >= 0.9 or fit.gap > fit.noise:
-        return None  # it fits its training data, or generalises worse than it fits: not over-regularised
+        return None
+    if not run.above_chance(fit.train, fit.n_train):
+        return None  # it learned nothing at all: something broke training, regularisation only slows it  # it fits its training data, or generalises worse than it fits: not over-regularised
     return Finding(
         "over_regularisation", "warning",
         f"over-regularised: training accuracy {pct(fit.train)} (eval mode) is no better than validation "
