@@ -166,8 +166,9 @@ def split_overlap(patient: Patient) -> Check:
     return Check("split_overlap", "pass", "no image appears in both training and validation/test", numbers)
 
 
-def neighbour_agreement(queries: torch.Tensor, query_y: torch.Tensor, references: torch.Tensor,
-                        reference_y: torch.Tensor) -> float:
+def neighbour_agreement(
+    queries: torch.Tensor, query_y: torch.Tensor, references: torch.Tensor, reference_y: torch.Tensor
+) -> float:
     """Share of queries whose nearest reference (Euclidean, flattened) has the query's label."""
     nearest = torch.cdist(queries.flatten(1), references.flatten(1)).argmin(1)
     return float((reference_y[nearest] == query_y).float().mean())

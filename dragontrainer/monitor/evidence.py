@@ -113,7 +113,9 @@ def label_noise_record(model: nn.Module, data: Any, run: RunDir, seed: int, step
     images = train.x[index][shown.to(train.x.device)].cpu().contiguous()
     given = torch.as_tensor(labels[issues[:GALLERY]], dtype=torch.long)
     predicted = torch.as_tensor(probs[issues[:GALLERY]].argmax(1), dtype=torch.long)
-    atomic_write_bytes(run.file("suspects.safetensors"), save({"images": images, "given": given, "predicted": predicted}))
+    atomic_write_bytes(
+        run.file("suspects.safetensors"), save({"images": images, "given": given, "predicted": predicted})
+    )
     return {"kind": "label_noise", "step": step, "rate": rate, "issues": len(issues), "images": count,
             "method": "cleanlab confident learning, 5-fold logistic regression on penultimate features",
             "suspects": rows[:GALLERY]}  # fmt: skip

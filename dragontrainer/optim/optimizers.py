@@ -80,8 +80,11 @@ def diffgrad(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.
 
 # `optim.lr: auto`: each family's usual rate per `reference_batch_size` (128) images, with its source.
 AUTO_LR: dict[str, tuple[float, str]] = {
-    "sgd": (0.2, "SGD + Nesterov 0.9: 0.1 per 128 (Zagoruyko & Komodakis 2016) to 0.1 per 256 scaled linearly "
-            "(Goyal et al. 2017); 0.2 per 128 measured best on the digits with warm-up and cosine"),
+    "sgd": (
+        0.2,
+        "SGD + Nesterov 0.9: 0.1 per 128 (Zagoruyko & Komodakis 2016) to 0.1 per 256 scaled linearly "
+        "(Goyal et al. 2017); 0.2 per 128 measured best on the digits with warm-up and cosine",
+    ),
     "adagrad": (1e-2, "Duchi et al. 2011; the default of PyTorch and Keras"),
     "rmsprop": (1e-3, "Hinton's lecture 6e; the default of Keras"),
     "adam": (1e-3, "Kingma & Ba 2015"),

@@ -38,22 +38,43 @@ def escape(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def image_tag(data: bytes | None, alt: str, caption: str) -> str:
+# a finding's `plot` -> the figure that shows its evidence (the anchor its link jumps to)
+PLOTS = {"loss": "curves", "accuracy": "curves", "lr": "learning-rate", "activations": "activations",
+         "grad": "gradients", "dead": "dead", "update": "updates", "confusion": "confusion", "inputs": "inputs",
+         "suspects": "suspects"}  # fmt: skip
+
+
+def image_tag(data: bytes | None, alt: str, caption: str, anchor: str | None = None) -> str:
     if data is None:
         return ""
     encoded = base64.b64encode(data).decode("ascii")
+    identity = f' id="plot-{anchor}"' if anchor else ""
     return (
-        f'<figure><img src="data:image/png;base64,{encoded}" alt="{escape(alt)}">'
+        f'<figure{identity}><img src="data:image/png;base64,{encoded}" alt="{escape(alt)}">'
         f"<figcaption>{escape(caption)}</figcaption></figure>"
     )
 
 
-def finding_block(finding: Finding) -> str:
+def evidence_link(finding: Finding, shown: set[str]) -> str:
+    """A link to the figure with the finding's evidence, naming the step and layer to look at."""
+    anchor = PLOTS.get(finding.plot or "")
+    if anchor is None or anchor not in shown:
+        return ""
+    where = [f"{k} {finding.evidence[k]}" for k in ("step", "epoch", "layer") if finding.evidence.get(k) is not None]
+    return f' <a href="#plot-{anchor}">see the evidence{": " + escape(", ".join(where)) if where else ""}</a>'
+
+
+def finding_block(finding: Finding, shown: set[str] = frozenset()) -> str:  # type: ignore[assignment]
     evidence = escape(json.dumps(finding.evidence, default=str)[:2000])
+    if finding.because:  # a consequence, shown beneath the finding that explains it
+        return (f'<div class="finding {finding.severity}" style="margin-left:2em">…which is why '
+                f'<span class="key">{escape(finding.key)}</span>: {escape(finding.verdict)}'
+                f"{evidence_link(finding, shown)}</div>")  # fmt: skip
+    tried = " ".join(finding.overrides)
     return (
         f'<div class="finding {finding.severity}"><span class="sev">{finding.severity}</span>'
-        f'<span class="key">{escape(finding.key)}</span><div>{escape(finding.verdict)}</div>'
-        f'<div class="advice"><b>Try:</b> {escape(finding.advice)}</div>'
+        f'<span class="key">{escape(finding.key)}</span><div>{escape(finding.verdict)}{evidence_link(finding, shown)}'
+        f'</div><div class="advice"><b>Try:</b> <code>{escape(tried)}</code> {escape(finding.advice)}</div>'
         f"<details><summary>evidence</summary><code>{evidence}</code></details></div>"
     )
 
@@ -114,6 +135,24 @@ def augmented_samples(run_dir: RunDir, classes: list[str]) -> bytes | None:
     return plots.image_grid(tensors["images"], labels, "augmented training images (as the network gets them)")
 
 
+def suspects_gallery(run_dir: RunDir, classes: list[str]) -> bytes | None:
+    """The training images whose label the model most confidently disagrees with (suspect_labels.csv)."""
+    file = run_dir.file("suspects.safetensors")
+    if not file.exists():
+        return None
+    from safetensors.numpy import load_file
+
+    from dragontrainer.report import plots
+
+    tensors = load_file(file)
+    if not len(tensors["images"]):
+        return None
+    labels = [
+        f"{classes[int(g)]}→{classes[int(p)]}" for g, p in zip(tensors["given"], tensors["predicted"], strict=True)
+    ]
+    return plots.image_grid(tensors["images"], labels, "suspect labels: given → predicted")
+
+
 def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str:
     from dragontrainer.report import plots
 
@@ -125,24 +164,26 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
         "Training": [
             image_tag(safe(lambda: plots.curves(records)), "loss and accuracy curves",
                       "Loss per step and per epoch; accuracy train vs validation with the gap shaded. A big gap: "
-                      "overfitting; no gap at low accuracy: underfitting."),
-            image_tag(safe(lambda: plots.learning_rate(records)), "learning rate", "Learning rate at every step."),
+                      "overfitting; no gap at low accuracy: underfitting.", "curves"),
+            image_tag(safe(lambda: plots.learning_rate(records)), "learning rate", "Learning rate at every step.",
+                      "learning-rate"),
         ],
         "Inside the network": [
             image_tag(safe(lambda: plots.layer_heatmap(records, "activations", lambda a: a["std"],
                                                        "activation std (probe batch)", log=True)),
                       "activation std heat map", "Activation spread per layer over time: collapsing to dark means "
-                      "vanishing signal, bright bands exploding."),
+                      "vanishing signal, bright bands exploding.", "activations"),
             image_tag(safe(lambda: plots.layer_heatmap(
                 records, "params", lambda p: p["grad_norm"] / p["weight_norm"] if p["weight_norm"] else None,
                 "gradient / weight norm", log=True, cmap="magma")),
                 "gradient heat map", "Gradient size relative to the weights per layer: a dark first layer means "
-                "vanishing gradients."),
+                "vanishing gradients.", "gradients"),
             image_tag(safe(lambda: plots.dead_fractions(records)), "dead units",
-                      "Fraction of channels that output ≤ 0 for every probe image (dead ReLUs cannot recover)."),
+                      "Fraction of channels that output ≤ 0 for every probe image (dead ReLUs cannot recover).",
+                      "dead"),
             image_tag(safe(lambda: plots.update_ratios(records)), "update ratios",
                       "Update/weight ratio per layer; about 1e-3 is healthy (CS231n): far below, the learning rate "
-                      "is too low; far above, too high."),
+                      "is too low; far above, too high.", "updates"),
             image_tag(safe(lambda: plots.filters(weight, records.data["image_shape"])) if weight is not None else None,
                       "first-layer filters", "First-layer filters of the best checkpoint: smooth, varied patterns "
                       "are healthy; noise means too little training or too high a learning rate."),
@@ -150,9 +191,12 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
         "Predictions and data": [
             image_tag(safe(lambda: plots.confusion(epochs[-1]["confusion"], records.data["classes"]))
                       if epochs else None, "confusion matrix", f"Validation, epoch {epochs[-1]['epoch']}."
-                      if epochs else ""),
+                      if epochs else "", "confusion"),
             image_tag(safe(lambda: augmented_samples(run_dir, records.data["classes"])), "augmented images",
-                      "A batch after augmentation, before preprocessing."),
+                      "A batch after augmentation, before preprocessing.", "inputs"),
+            image_tag(safe(lambda: suspects_gallery(run_dir, records.data["classes"])), "suspect labels",
+                      "Training images whose given label the model confidently disagrees with (out-of-sample "
+                      "predictions); all of them are in suspect_labels.csv.", "suspects"),
         ],
     }  # fmt: skip
     counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
@@ -160,6 +204,8 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
         "No problems found." if not counts["error"] and not counts["warning"]
         else f"{counts['error']} error(s), {counts['warning']} warning(s)."
     )  # fmt: skip
+    shown = {anchor for tags in figures.values() for tag in tags for anchor in PLOTS.values()
+             if f'id="plot-{anchor}"' in tag}  # fmt: skip
     sections = "".join(f"<h2>{escape(title)}</h2>" + "".join(tags) for title, tags in figures.items() if any(tags))
     recipe_text = run_dir.recipe_path.read_text(encoding="utf-8") if run_dir.recipe_path.exists() else ""
     return f"""<!DOCTYPE html>
@@ -167,7 +213,7 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
 <style>{STYLE}</style></head><body>
 <h1>dragon report</h1><div class="meta">{escape(run_dir.path)}</div>
 <h2>What the dragon tells you</h2><p>{escape(headline)}</p>
-{"".join(finding_block(f) for f in findings)}
+{"".join(finding_block(f, shown) for f in findings)}
 <h2>Summary</h2>{summary_table(records, result)}
 {sections}
 <h2>Recipe</h2><pre>{escape(recipe_text)}</pre>

@@ -93,7 +93,7 @@ def finding(key: str, severity: str = "warning", strong: bool = False, overrides
 def test_a_cause_outranks_the_symptom_it_explains_whatever_the_severities(cause_severity: str) -> None:
     symptoms = [finding("loss_not_decreasing", "error"), finding("lr_too_high", "error"), finding("dead_units")]
     ranked = rank([*symptoms, finding("unshuffled_data", cause_severity, strong=True)])
-    assert [f.key for f in ranked][0] == "unshuffled_data"
+    assert ranked[0].key == "unshuffled_data"
     assert ranked[0].severity == "error"  # a cause is as serious as the worst consequence it explains
     assert all(f.because is not None for f in ranked[1:])
     # a chain: the cause, then lr_too_high, then what lr_too_high explains beneath it

@@ -11,8 +11,9 @@ import torch
 from dragontrainer.monitor.diagnose.core import Finding, RunRecords, fmt, pct, rule
 from dragontrainer.monitor.stats import input_problem
 
-BAD_TRAINING = ("loss_not_decreasing", "lr_too_high", "lr_too_low", "dead_units", "exploding_gradients", "diverged",
-                "nan_rollback", "noisy_loss", "underfitting", "saturated_activations", "vanishing_gradients")  # fmt: skip
+BAD_TRAINING = ("loss_not_decreasing", "lr_too_high", "lr_too_low", "dead_units", "exploding_gradients",
+                "diverged", "nan_rollback", "noisy_loss", "underfitting", "saturated_activations",
+                "vanishing_gradients")  # fmt: skip
 NO_GENERALISATION = ("overfitting", "overtraining", "underfitting", "loss_not_decreasing", "val_better_than_train",
                      "lr_too_high", "noisy_loss", "dead_units", "label_noise", "over_regularisation")  # fmt: skip
 
@@ -57,7 +58,8 @@ def noise_amplification(run: RunRecords) -> Finding | None:
     amplified = float((variances < 1e-3 * variances.max()).double().mean())
     knn = run.check_numbers("label_consistency") or {}
     lost = knn.get("preprocessed_agreement") is not None and (
-        knn["preprocessed_agreement"] - knn["chance"] < 0.5 * (knn["agreement"] - knn["chance"]))
+        knn["preprocessed_agreement"] - knn["chance"] < 0.5 * (knn["agreement"] - knn["chance"])
+    )
     best_val = max((r["accuracy"] for r in run.val), default=0.0)
     harmed = lost or not run.above_chance(best_val, run.data.get("num_val", 1))
     if amplified < 0.25 or not harmed:

@@ -50,9 +50,9 @@ def over_regularisation(run: RunRecords) -> Finding | None:
     """Strong regularisation keeps the model from fitting even its training data (eval mode)."""
     fit, strong = run.fit, strong_regularisation(run.recipe, run.lr)
     if not strong or fit is None or fit.train >= 0.9 or fit.gap > fit.noise:
-        return None
+        return None  # it fits its training data, or generalises worse than it fits: not over-regularised
     if not run.above_chance(fit.train, fit.n_train):
-        return None  # it learned nothing at all: something broke training, regularisation only slows it  # it fits its training data, or generalises worse than it fits: not over-regularised
+        return None  # it learned nothing at all: something broke training, regularisation only slows it
     return Finding(
         "over_regularisation", "warning",
         f"over-regularised: training accuracy {pct(fit.train)} (eval mode) is no better than validation "
@@ -96,7 +96,9 @@ def overfitting(run: RunRecords) -> Finding | None:
     if fit is None or fit.gap < max(0.1, fit.noise) or not run.above_chance(fit.train, fit.n_train):
         return None
     model = run.recipe.model
-    overrides = ["model.dropout=0.5"] if model.dropout < 0.5 else [f"optim.weight_decay={run.recipe.optim.weight_decay * 5:g}"]
+    overrides = (
+        ["model.dropout=0.5"] if model.dropout < 0.5 else [f"optim.weight_decay={run.recipe.optim.weight_decay * 5:g}"]
+    )
     return Finding(
         "overfitting", "warning",
         f"overfitting: training accuracy {pct(fit.train)} (eval mode) vs validation {pct(fit.val)}, a gap of "

@@ -79,5 +79,6 @@ def saturated_activations(run: RunRecords) -> Finding | None:
         f"saturated activations: {pct(saturated[worst])} of the outputs of {worst} "
         f"({run.recipe.model.activation}) sit where its gradient is below 0.02",
         ["model.activation=relu", "model.norm=batch"],
-        "and a scale-matched initialisation (model.init=auto)", {"layers": saturated, "layer": worst}, plot="activations",
+        "and a scale-matched initialisation (model.init=auto)", {"layers": saturated, "layer": worst},
+        plot="activations",
     )  # fmt: skip

@@ -221,7 +221,7 @@ def exploding_gradients(run: RunRecords) -> Finding | None:
     return Finding(
         "exploding_gradients", "warning", f"exploding gradients: {where}",
         ["regularize.clip_grad_norm=1.0"],
-        f"and a variance-preserving initialisation (model.init=auto) or normalisation layers (model.norm=batch)",
+        "and a variance-preserving initialisation (model.init=auto) or normalisation layers (model.norm=batch)",
         {"step": step, "peak": peak, "median": typical if norms else None,
          "layers": [{"step": s, "layer": n, "grad_over_weight": r} for s, n, r in huge[:10]]}, plot="grad",
     )  # fmt: skip
