@@ -116,6 +116,9 @@ def label_noise_record(model: nn.Module, data: Any, run: RunDir, seed: int, step
     atomic_write_bytes(
         run.file("suspects.safetensors"), save({"images": images, "given": given, "predicted": predicted})
     )
+    kept = np.setdiff1d(np.arange(len(labels)), issues)
+    clean_agreement = float((probs[kept].argmax(1) == labels[kept]).mean()) if len(kept) else 0.0
     return {"kind": "label_noise", "step": step, "rate": rate, "issues": len(issues), "images": count,
+            "clean_agreement": clean_agreement,
             "method": "cleanlab confident learning, 5-fold logistic regression on penultimate features",
             "suspects": rows[:GALLERY]}  # fmt: skip

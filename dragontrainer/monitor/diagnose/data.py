@@ -13,7 +13,7 @@ from dragontrainer.monitor.stats import input_problem
 
 BAD_TRAINING = ("loss_not_decreasing", "lr_too_high", "lr_too_low", "dead_units", "exploding_gradients",
                 "diverged", "nan_rollback", "noisy_loss", "underfitting", "saturated_activations",
-                "vanishing_gradients")  # fmt: skip
+                "vanishing_gradients", "label_noise")  # fmt: skip
 NO_GENERALISATION = ("overfitting", "overtraining", "underfitting", "loss_not_decreasing", "val_better_than_train",
                      "lr_too_high", "noisy_loss", "dead_units", "label_noise", "over_regularisation")  # fmt: skip
 
@@ -135,7 +135,8 @@ def split_overlap(run: RunRecords) -> Finding | None:
     )  # fmt: skip
 
 
-@rule("label_noise", "data", explains=("overfitting", "overtraining", "noisy_loss", "val_better_than_train"))
+@rule("label_noise", "data",
+      explains=("overfitting", "overtraining", "noisy_loss", "val_better_than_train", "underfitting"))
 def label_noise(run: RunRecords) -> Finding | None:
     """Confident learning on out-of-sample predictions: training images whose given label the model
     confidently disagrees with, and the estimated share of wrong labels."""
@@ -144,8 +145,9 @@ def label_noise(run: RunRecords) -> Finding | None:
     if not records or records[-1]["rate"] < 0.05:
         return None  # clean data (every real set has a few ambiguous images)
     noise = records[-1]
-    if noise["rate"] < 0.5 * (1 - best_val):
-        return None  # wrong labels explain little of the validation error: a weak model, not bad labels
+    if noise["rate"] < 0.5 * (1 - best_val) or noise.get("clean_agreement", 1.0) < 0.85:
+        return None  # a weak model, not bad labels: wrong labels explain little of its error, or its
+        # predictions disagree with many of the labels it keeps as well
     return Finding(
         "label_noise", "warning" if noise["rate"] >= 0.1 else "info",
         f"noisy labels: about {pct(noise['rate'])} of the training labels look wrong (confident learning on "

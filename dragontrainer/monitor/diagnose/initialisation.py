@@ -11,7 +11,7 @@ from dragontrainer.monitor.diagnose.optimisation import stalled
 
 INIT_SYMPTOMS = ("diverged", "nan_rollback", "exploding_gradients", "vanishing_gradients", "lr_too_high",
                  "lr_too_low", "loss_not_decreasing", "saturated_activations", "dead_units", "underfitting",
-                 "noisy_loss")  # fmt: skip
+                 "noisy_loss", "label_noise")  # fmt: skip
 
 
 def symmetric_layers(initial: dict[str, Any]) -> list[str]:
@@ -62,7 +62,7 @@ def bad_init(run: RunRecords) -> Finding | None:
 
 
 @rule("saturated_activations", "initialisation",
-      explains=("vanishing_gradients", "loss_not_decreasing", "underfitting", "lr_too_low"))  # fmt: skip
+      explains=("vanishing_gradients", "loss_not_decreasing", "underfitting", "lr_too_low", "label_noise"))  # fmt: skip
 def saturated_activations(run: RunRecords) -> Finding | None:
     """Sigmoid/tanh outputs stuck near their limits, where the gradient is almost zero."""
     fractions: dict[str, list[float]] = {}

@@ -9,7 +9,7 @@ from typing import Any
 from dragontrainer.monitor.diagnose.core import Finding, RunRecords, fmt, pct, rule
 
 LR_SYMPTOMS = ("lr_too_high", "lr_too_low", "diverged", "nan_rollback", "loss_not_decreasing", "dead_units",
-               "exploding_gradients", "noisy_loss", "underfitting")  # fmt: skip
+               "exploding_gradients", "noisy_loss", "underfitting", "label_noise")  # fmt: skip
 
 
 def loss_rose(run: RunRecords) -> tuple[int, float] | None:
@@ -93,7 +93,8 @@ def dead_layers(record: dict[str, Any], threshold: float) -> dict[str, float]:
 
 
 @rule("lr_too_high", "optimisation", explains=("diverged", "nan_rollback", "dead_units", "loss_not_decreasing",
-                                               "exploding_gradients", "noisy_loss", "underfitting"))  # fmt: skip
+                                               "exploding_gradients", "noisy_loss", "underfitting",
+                                               "label_noise"))  # fmt: skip
 def lr_too_high(run: RunRecords) -> Finding | None:
     """The loss climbed above its initial value, or ReLU units died while the loss stayed high."""
     rose = loss_rose(run)
@@ -121,7 +122,7 @@ def lr_too_high(run: RunRecords) -> Finding | None:
     )  # fmt: skip
 
 
-@rule("lr_too_low", "optimisation", explains=("loss_not_decreasing", "underfitting"))
+@rule("lr_too_low", "optimisation", explains=("loss_not_decreasing", "underfitting", "label_noise"))
 def lr_too_low(run: RunRecords) -> Finding | None:
     """Updates are far below ~1e-3 of the weights and the loss falls slowly."""
     warm = run.recipe.schedule.warmup_epochs
@@ -141,7 +142,7 @@ def lr_too_low(run: RunRecords) -> Finding | None:
     )  # fmt: skip
 
 
-@rule("loss_not_decreasing", "optimisation", explains=("underfitting",))
+@rule("loss_not_decreasing", "optimisation", explains=("underfitting", "label_noise"))
 def loss_not_decreasing(run: RunRecords) -> Finding | None:
     """The loss ended about where it started (and not because it blew up)."""
     if len(run.losses) < 20 or run.initial_loss is None or run.kind("diverged"):
@@ -175,7 +176,8 @@ def gradient_ratios(record: dict[str, Any]) -> list[tuple[str, float]]:
     ]
 
 
-@rule("vanishing_gradients", "optimisation", explains=("loss_not_decreasing", "underfitting", "lr_too_low"))
+@rule("vanishing_gradients", "optimisation",
+      explains=("loss_not_decreasing", "underfitting", "lr_too_low", "label_noise"))
 def vanishing_gradients(run: RunRecords) -> Finding | None:
     """The first layers get gradients thousands of times smaller (relative to their weights) than the last."""
     spreads = []
@@ -227,7 +229,7 @@ def exploding_gradients(run: RunRecords) -> Finding | None:
     )  # fmt: skip
 
 
-@rule("dead_units", "optimisation", explains=("loss_not_decreasing", "underfitting"))
+@rule("dead_units", "optimisation", explains=("loss_not_decreasing", "underfitting", "label_noise"))
 def dead_units(run: RunRecords) -> Finding | None:
     """Most ReLU channels of a layer died during training and the network no longer fits its data."""
     if len(run.layers) < 2:
