@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,7 @@ def label_noise_record(model: nn.Module, data: Any, run: RunDir, seed: int, step
     the returned `label_noise` line goes to stats.jsonl."""
     from safetensors.torch import save
 
+    started = time.perf_counter()
     train = data.train
     count = min(NOISE_IMAGES, train.num_images)
     index = torch.linspace(0, train.num_images - 1, count, device=train.x.device).long()
@@ -119,6 +121,6 @@ def label_noise_record(model: nn.Module, data: Any, run: RunDir, seed: int, step
     kept = np.setdiff1d(np.arange(len(labels)), issues)
     clean_agreement = float((probs[kept].argmax(1) == labels[kept]).mean()) if len(kept) else 0.0
     return {"kind": "label_noise", "step": step, "rate": rate, "issues": len(issues), "images": count,
-            "clean_agreement": clean_agreement,
+            "clean_agreement": clean_agreement, "seconds": time.perf_counter() - started,
             "method": "cleanlab confident learning, 5-fold logistic regression on penultimate features",
             "suspects": rows[:GALLERY]}  # fmt: skip

@@ -145,6 +145,8 @@ def label_noise(run: RunRecords) -> Finding | None:
     if not records or records[-1]["rate"] < 0.05:
         return None  # clean data (every real set has a few ambiguous images)
     noise = records[-1]
+    if noise["images"] < 30 * run.num_classes:
+        return None  # too few images per class for five folds of a classifier to say which labels are wrong
     if noise["rate"] < 0.5 * (1 - best_val) or noise.get("clean_agreement", 1.0) < 0.85:
         return None  # a weak model, not bad labels: wrong labels explain little of its error, or its
         # predictions disagree with many of the labels it keeps as well

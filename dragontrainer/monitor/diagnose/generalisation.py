@@ -46,14 +46,12 @@ def milder(recipe: Recipe, key: str) -> str:
 
 
 @rule("over_regularisation", "generalisation",
-      explains=("underfitting", "val_better_than_train", "label_noise"))
+      explains=("underfitting", "val_better_than_train", "label_noise", "loss_not_decreasing"))
 def over_regularisation(run: RunRecords) -> Finding | None:
     """Strong regularisation keeps the model from fitting even its training data (eval mode)."""
     fit, strong = run.fit, strong_regularisation(run.recipe, run.lr)
     if not strong or fit is None or fit.train >= 0.9 or fit.gap > fit.noise:
         return None  # it fits its training data, or generalises worse than it fits: not over-regularised
-    if not run.above_chance(fit.train, fit.n_train):
-        return None  # it learned nothing at all: something broke training, regularisation only slows it
     return Finding(
         "over_regularisation", "warning",
         f"over-regularised: training accuracy {pct(fit.train)} (eval mode) is no better than validation "

@@ -9,7 +9,8 @@ from typing import Any
 from dragontrainer.monitor.diagnose.core import Finding, RunRecords, fmt, pct, rule
 
 LR_SYMPTOMS = ("lr_too_high", "lr_too_low", "diverged", "nan_rollback", "loss_not_decreasing", "dead_units",
-               "exploding_gradients", "noisy_loss", "underfitting", "label_noise")  # fmt: skip
+               "exploding_gradients", "noisy_loss", "underfitting", "label_noise",
+               "over_regularisation")  # fmt: skip
 
 
 def loss_rose(run: RunRecords) -> tuple[int, float] | None:
@@ -94,7 +95,7 @@ def dead_layers(record: dict[str, Any], threshold: float) -> dict[str, float]:
 
 @rule("lr_too_high", "optimisation", explains=("diverged", "nan_rollback", "dead_units", "loss_not_decreasing",
                                                "exploding_gradients", "noisy_loss", "underfitting",
-                                               "label_noise"))  # fmt: skip
+                                               "label_noise", "over_regularisation"))  # fmt: skip
 def lr_too_high(run: RunRecords) -> Finding | None:
     """The loss climbed above its initial value, or ReLU units died while the loss stayed high."""
     rose = loss_rose(run)
