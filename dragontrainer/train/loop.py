@@ -656,7 +656,7 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         history=history,
     )
     atomic_write_json(loop.run.file("result.json"), result.summary())
-    if loop.monitor is not None and recipe.monitor.report:
+    if loop.monitor is not None:
         write_label_noise(loop, recipe, state)
     if recipe.monitor.report:
         result.findings = report_run(loop.run, loop.console or Console(stderr=True, quiet=True))

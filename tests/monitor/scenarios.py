@@ -12,7 +12,7 @@ one of them. A healthy control (strong regularisation included) must produce no 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import sys
 import tempfile
@@ -160,7 +160,7 @@ class Scenario:
 BASE = {  # small and quick, yet healthy: each data set with its own model
     "digits": ("model.name=lenet", "train.epochs=10", "schedule.warmup_epochs=1"),
     "shapes": ("model.widths=[16,32,32]", "train.epochs=8", "schedule.warmup_epochs=1", "train.batch_size=64"),
-    "letters": ("model.name=resnet", "model.widths=[16,32]", "train.epochs=8", "schedule.warmup_epochs=1",
+    "letters": ("model.name=resnet", "model.widths=[16,32]", "train.epochs=6", "schedule.warmup_epochs=1",
                 "train.batch_size=64"),
 }  # fmt: skip
 NO_NORM = ("model.norm=none",)
@@ -211,20 +211,21 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 CASES = [(d, s) for s in SCENARIOS for d in s.datasets]  # the full matrix
 
 
-def run_scenario(scenario: Scenario, folder: Path, dataset: str = "digits") -> list[dict]:
-    """Train the scenario on `dataset` into `folder/run` (its report included); its ranked findings."""
+def run_scenario(scenario: Scenario, folder: Path, dataset: str = "digits", report: bool = False) -> list[dict]:
+    """Train the scenario on `dataset` into `folder/run` and diagnose it: its ranked findings. The
+    report's figures are drawn only with `report` (they cost more than the diagnosis)."""
     from dragontrainer import train
+    from dragontrainer.monitor.diagnose import diagnose
     from dragontrainer.train.loop import TrainingDiverged
 
     x, y = DATASETS[dataset]()
     if scenario.problem:
         x, y = PROBLEMS[scenario.problem](x, y)
     data = write(dataset, folder / "data", x, y) if dataset != "digits" or scenario.problem else []
-    overrides = [*BASE[dataset], *data, *scenario.overrides, f"run.dir={folder / 'run'}"]
-    try:
-        return train(overrides=overrides).findings
-    except TrainingDiverged:
-        return json.loads((folder / "run" / "findings.json").read_text())
+    overrides = [*BASE[dataset], *data, *scenario.overrides, f"run.dir={folder / 'run'}", f"monitor.report={report}"]
+    with contextlib.suppress(TrainingDiverged):  # a diverged run is diagnosed like any other
+        train(overrides=overrides)
+    return [f.to_dict() for f in diagnose(folder / "run")]
 
 
 def problems(findings: list[dict]) -> list[dict]:

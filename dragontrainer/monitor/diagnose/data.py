@@ -135,8 +135,11 @@ def split_overlap(run: RunRecords) -> Finding | None:
     )  # fmt: skip
 
 
-@rule("label_noise", "data",
-      explains=("overfitting", "overtraining", "noisy_loss", "val_better_than_train", "underfitting"))
+@rule(
+    "label_noise",
+    "data",
+    explains=("overfitting", "overtraining", "noisy_loss", "val_better_than_train", "underfitting"),
+)
 def label_noise(run: RunRecords) -> Finding | None:
     """Confident learning on out-of-sample predictions: training images whose given label the model
     confidently disagrees with, and the estimated share of wrong labels."""

@@ -45,8 +45,11 @@ def milder(recipe: Recipe, key: str) -> str:
     return f"{key}={usual[key]:g}"
 
 
-@rule("over_regularisation", "generalisation",
-      explains=("underfitting", "val_better_than_train", "label_noise", "loss_not_decreasing"))
+@rule(
+    "over_regularisation",
+    "generalisation",
+    explains=("underfitting", "val_better_than_train", "label_noise", "loss_not_decreasing"),
+)
 def over_regularisation(run: RunRecords) -> Finding | None:
     """Strong regularisation keeps the model from fitting even its training data (eval mode)."""
     fit, strong = run.fit, strong_regularisation(run.recipe, run.lr)

@@ -177,8 +177,9 @@ def gradient_ratios(record: dict[str, Any]) -> list[tuple[str, float]]:
     ]
 
 
-@rule("vanishing_gradients", "optimisation",
-      explains=("loss_not_decreasing", "underfitting", "lr_too_low", "label_noise"))
+@rule(
+    "vanishing_gradients", "optimisation", explains=("loss_not_decreasing", "underfitting", "lr_too_low", "label_noise")
+)
 def vanishing_gradients(run: RunRecords) -> Finding | None:
     """The first layers get gradients thousands of times smaller (relative to their weights) than the last."""
     spreads = []
