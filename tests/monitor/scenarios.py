@@ -145,6 +145,12 @@ def few_images(x: list, y: np.ndarray) -> tuple[list, np.ndarray]:
     return [x[i] for i in keep], y[keep]
 
 
+def digits_with(problem: str, folder: Path) -> list[str]:
+    """The digits with a data problem above, written to `folder`: the overrides that read them."""
+    x, y = PROBLEMS[problem](*digits())
+    return write("digits", folder, x, y)
+
+
 # ------------------------------------------------------------------------------ scenarios
 
 

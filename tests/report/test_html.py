@@ -48,14 +48,16 @@ def test_report_opens_in_chromium_with_every_figure(tmp_path: Path) -> None:
     assert "http" not in text.split("<pre>")[0]  # self-contained: nothing to fetch
     images, problems = open_in_chromium(page)
     assert problems == []
-    # curves, learning rate, 2 heat maps, dead units, update ratios, filters, confusion, augmented samples
-    assert len(images) == 9 and all(complete and width > 0 for complete, width in images)
+    # curves, learning rate, 2 heat maps, dead units, update ratios, filters, confusion, augmented samples,
+    # and the suspect-label gallery when confident learning found any
+    suspects = 'id="plot-suspects"' in text
+    assert len(images) == 9 + suspects and all(complete and width > 0 for complete, width in images)
 
 
 def test_findings_come_first_ordered_by_severity(tmp_path: Path) -> None:
     run = train(overrides=[*TINY, "preprocess.name=none", "model.init=zeros", f"run.dir={tmp_path}"])
-    severities = [f["severity"] for f in run.findings]
-    assert severities == sorted(severities, key=["error", "warning", "info"].index)
+    roots = [f["severity"] for f in run.findings if f["because"] is None]  # causes, each followed by what it explains
+    assert roots == sorted(roots, key=["error", "warning", "info"].index)
     text = (tmp_path / "report.html").read_text()
     assert text.index("bad_init") < text.index("unnormalised_inputs") < text.index("<h2>Summary</h2>")
     assert json.loads((tmp_path / "findings.json").read_text()) == run.findings

@@ -6,8 +6,8 @@ divergence). Ranking then builds a forest: a finding explained by another presen
 beneath it as its consequence, never above it, and a cause carries the severity of the worst
 consequence it explains. Roots are ordered by severity, then strong evidence (a direct measurement
 of the cause: a start-of-run check, the recipe plus its measured effect) before inference from
-symptoms, then how much they explain, then upstream families first (data, initialisation,
-optimisation, generalisation) — never alphabetically.
+symptoms, then the severity of its own measurement, then how much they explain, then upstream
+families first (data, initialisation, optimisation, generalisation) — never alphabetically.
 
 Advice is concrete `key=value` overrides that parse as recipe overrides; `reconcile` keeps one
 run's findings consistent (a knob set by a higher-ranked finding is never contradicted below it).
@@ -236,8 +236,14 @@ def rank(findings: Sequence[Finding]) -> list[Finding]:
             depth[key] = max(above, default=0)
         return depth[key]
 
-    parent = {k: max(cs, key=lambda c: (depth_of(c), present[c].strong, -ORDER.get(c, 0))) if cs else None
-              for k, cs in causes.items()}  # fmt: skip
+    def own(key: str) -> int:
+        return SEVERITY_ORDER[present[key].severity]
+
+    # the closest cause (deepest in a chain), then strong evidence, then the more severe measurement
+    parent = {
+        k: max(cs, key=lambda c: (depth_of(c), present[c].strong, -own(c), -ORDER.get(c, 0))) if cs else None
+        for k, cs in causes.items()
+    }
     children: dict[str | None, list[str]] = {}
     for key, above in parent.items():
         children.setdefault(above, []).append(key)
@@ -249,7 +255,7 @@ def rank(findings: Sequence[Finding]) -> list[Finding]:
         return 1 + sum(size(c) for c in children.get(key, []))
 
     def order(keys: list[str]) -> list[str]:
-        return sorted(keys, key=lambda k: (worst(k), not present[k].strong, -size(k), ORDER.get(k, 10**6)))
+        return sorted(keys, key=lambda k: (worst(k), not present[k].strong, own(k), -size(k), ORDER.get(k, 10**6)))
 
     ranked: list[Finding] = []
 

@@ -78,7 +78,7 @@ def noise_amplification(run: RunRecords) -> Finding | None:
     )  # fmt: skip
 
 
-@rule("unnormalised_inputs", "data", explains=(*BAD_TRAINING, "bad_init"))
+@rule("unnormalised_inputs", "data", explains=BAD_TRAINING)
 def unnormalised_inputs(run: RunRecords) -> Finding | None:
     """The network's input (after preprocessing) is far from zero mean and unit scale."""
     probes = run.kind("probe")

@@ -8,6 +8,7 @@ from typing import Any
 
 from dragontrainer.monitor.diagnose.core import Finding, RunRecords, fmt, pct, rule
 from dragontrainer.monitor.diagnose.optimisation import stalled
+from dragontrainer.monitor.stats import input_problem
 
 INIT_SYMPTOMS = ("diverged", "nan_rollback", "exploding_gradients", "vanishing_gradients", "lr_too_high",
                  "lr_too_low", "loss_not_decreasing", "saturated_activations", "dead_units", "underfitting",
@@ -48,7 +49,9 @@ def bad_init(run: RunRecords) -> Finding | None:
     scale = he_scale(initial) if run.recipe.model.norm == "none" else None
     troubled = stalled(run) or run.kind("diverged") or run.kind("rollback")  # else the scale did no harm
     off_scale = scale is not None and not 0.1 <= scale <= 5 and bool(troubled)
-    if not off_scale and (first is None or first < 3 * expected):
+    probes = run.kind("probe")
+    huge_inputs = bool(probes) and input_problem(probes[0]) == "scale"  # they, not the weights, inflate the loss
+    if not off_scale and (first is None or first < 3 * expected or huge_inputs):
         return None
     measured = (f"the initial loss {fmt(first)} is far above ln {run.num_classes} = {fmt(expected)}"
                 if first is not None and first >= 3 * expected else "")  # fmt: skip
