@@ -65,9 +65,13 @@ def over_regularisation(run: RunRecords) -> Finding | None:
 
 
 def plateaued(run: RunRecords) -> bool:
-    quarter = run.train[-max(2, len(run.train) // 4) :]
-    key = "eval_accuracy" if quarter[-1].get("eval_accuracy") is not None else "accuracy"
-    return quarter[-1][key] - quarter[0][key] < 0.03
+    """Training accuracy stopped rising while the learning rate was still ≥ 30% of its peak: a decayed
+    schedule flattens every curve at the end, which says nothing about capacity."""
+    peak = max(r["lr"] for r in run.train)
+    active = [r for r in run.train if r["lr"] >= 0.3 * peak] or run.train
+    window = active[-max(2, len(active) // 4) :]
+    key = "eval_accuracy" if window[-1].get("eval_accuracy") is not None else "accuracy"
+    return len(window) >= 2 and window[-1][key] - window[0][key] < 0.03
 
 
 @rule("underfitting", "generalisation")
