@@ -17,6 +17,7 @@ from tests.monitor.scenarios import BY_NAME, DATASETS, SCENARIOS, problems, run_
 
 NOT_A_SCENARIO = {
     "noise_scale": "info only: it judges the batch size, never a problem",
+    "loss_not_decreasing": "a symptom: it shows beneath its cause in the lr_too_low, zero_init, vanishing scenarios",
     "val_better_than_train": "eval-mode validation above eval-mode training needs a split-specific fault; "
     "tested on records in test_diagnose.py",
 }
