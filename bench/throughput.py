@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from dragontrainer import Recipe, train
 from dragontrainer.data.sources import load_images
 from dragontrainer.nn.models import create_model
+from dragontrainer.optim.optimizers import base_lr
 from dragontrainer.report.html import write_report
 
 
@@ -92,7 +93,7 @@ def minimal_rates(recipe: Recipe, device: torch.device) -> list[float]:
     model = model.to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    batch, lr, epochs = recipe.train.batch_size, recipe.optim.lr, recipe.train.epochs
+    batch, lr, epochs = recipe.train.batch_size, base_lr(recipe.optim), recipe.train.epochs
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": recipe.optim.weight_decay}, {"params": no_decay, "weight_decay": 0}],
         lr=lr, momentum=0.9, nesterov=True,

@@ -23,7 +23,7 @@ from torch import nn
 from dragontrainer.monitor.diagnose import expected_distinct_classes
 from dragontrainer.monitor.stats import input_problem, input_summary
 from dragontrainer.nn.models import create_model
-from dragontrainer.optim.optimizers import create_optimizer, effective_lr
+from dragontrainer.optim.optimizers import auto_lr, base_lr, create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.recipe import Recipe
 from dragontrainer.train.loop import PreparedData, configure_determinism, prepare_data, resolve_device
@@ -166,27 +166,40 @@ def split_overlap(patient: Patient) -> Check:
     return Check("split_overlap", "pass", "no image appears in both training and validation/test", numbers)
 
 
+def neighbour_agreement(
+    queries: torch.Tensor, query_y: torch.Tensor, references: torch.Tensor, reference_y: torch.Tensor
+) -> float:
+    """Share of queries whose nearest reference (Euclidean, flattened) has the query's label."""
+    nearest = torch.cdist(queries.flatten(1), references.flatten(1)).argmin(1)
+    return float((reference_y[nearest] == query_y).float().mean())
+
+
 @check("label_consistency")
 def label_consistency(patient: Patient) -> Check:
-    """How often a validation image's nearest training image (in input space) has the same label.
-    Real labels agree far above chance, even on pixels; labels unrelated to images agree at chance."""
+    """How often a validation image's nearest training image has the same label, on raw pixels and
+    after preprocessing. Real labels agree far above chance, even on pixels; labels unrelated to the
+    images agree at chance; agreement lost only after preprocessing means the preprocessing destroys it."""
     data = patient.data
     generator = torch.Generator().manual_seed(patient.recipe.seed)
     train_pick = torch.randperm(data.train.num_images, generator=generator)[:4000].to(patient.device)
-    queries, references = data.val, (data.train.x[train_pick], data.train.y[train_pick])
-    query_x = data.preprocessor.apply(queries.x[:500]).flatten(1)
-    query_y = queries.y[:500]
-    reference_x = data.preprocessor.apply(references[0]).flatten(1)
-    nearest = torch.cdist(query_x, reference_x).argmin(1)
-    agreement = float((references[1][nearest] == query_y).float().mean())
+    reference_x, reference_y = data.train.x[train_pick], data.train.y[train_pick]
+    query_x, query_y = data.val.x[:500], data.val.y[:500]
+    agreement = neighbour_agreement(query_x.float() / 255, query_y, reference_x.float() / 255, reference_y)
+    preprocessed = neighbour_agreement(data.preprocessor.apply(query_x), query_y,
+                                       data.preprocessor.apply(reference_x), reference_y)  # fmt: skip
     counts = data.info()["train_class_counts"]
     chance = sum((c / sum(counts)) ** 2 for c in counts)  # two random images share a label
     band = chance + 3 * math.sqrt(chance * (1 - chance) / max(len(query_y), 1))
-    numbers = {"agreement": agreement, "chance": chance, "queries": len(query_y)}
+    numbers = {"agreement": agreement, "preprocessed_agreement": preprocessed, "chance": chance,
+               "queries": len(query_y)}  # fmt: skip
     if agreement <= band:
         return Check("label_consistency", "fail", f"a validation image's nearest training image has its label "
                      f"{agreement:.0%} of the time, chance is {chance:.0%}: labels look unrelated to the images "
                      "(shuffled or misaligned)", numbers)  # fmt: skip
+    if preprocessed - chance < 0.5 * (agreement - chance):
+        return Check("label_consistency", "warn", f"nearest-neighbour labels agree {agreement:.0%} on pixels but "
+                     f"{preprocessed:.0%} after preprocessing ({patient.recipe.preprocess.name}), chance "
+                     f"{chance:.0%}: the preprocessing drowns the signal", numbers)  # fmt: skip
     return Check("label_consistency", "pass", f"nearest-neighbour labels agree {agreement:.0%} (chance "
                  f"{chance:.0%})", numbers)  # fmt: skip
 
@@ -307,13 +320,31 @@ def lr_probe(patient: Patient) -> Check:
     described = ", ".join(f"{k} {v:.0%}" if math.isfinite(v) else f"{k} diverged" for k, v in drops.items())
     if drops["lr"] == -math.inf:
         return Check("lr_probe", "fail", f"the loss diverged within 20 steps at lr {lr:.3g} ({described}): "
-                     f"lower it (optim.lr={recipe.optim.lr / 10:.3g})", numbers)  # fmt: skip
+                     f"lower it (optim.lr={base_lr(recipe.optim) / 10:.3g})", numbers)  # fmt: skip
     if drops["lr"] <= 0:
         return Check("lr_probe", "warn", f"the loss did not fall in 20 steps at lr {lr:.3g} ({described})", numbers)
+    ratio = base_lr(recipe.optim) / auto_lr(recipe.optim.name)
+    if not 0.1 < ratio < 10:
+        return Check("lr_probe", "warn", f"lr {base_lr(recipe.optim):.3g} is {ratio:.3g}× the usual rate of "
+                     f"{recipe.optim.name} ({auto_lr(recipe.optim.name):.3g} per {recipe.optim.reference_batch_size}"
+                     f" images; optim.lr=auto); loss drop over 20 steps: {described}", numbers)  # fmt: skip
     return Check("lr_probe", "pass", f"loss drop over 20 steps: {described}", numbers)
 
 
 # ------------------------------------------------------------------------------ entry
+
+
+START_CHECKS = ("input_statistics", "class_balance", "batch_labels", "split_overlap", "label_consistency")
+
+
+def start_checks(recipe: Recipe, data: PreparedData, device: torch.device) -> dict[str, Any]:
+    """The cheap data checks, run at the start of every run for the diagnosis (a `checks` line in
+    stats.jsonl): no model, no training step; the global RNG streams are left as they were."""
+    started = time.perf_counter()
+    patient = Patient(recipe, data, device)
+    with torch.random.fork_rng(devices=[]):
+        checks = {name: asdict(CHECKS[name](patient)) for name in START_CHECKS}
+    return {"kind": "checks", "step": 0, "checks": checks, "seconds": time.perf_counter() - started}
 
 
 def doctor(recipe: Recipe) -> DoctorReport:

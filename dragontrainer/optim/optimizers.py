@@ -78,11 +78,41 @@ def diffgrad(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.
     return DiffGrad(groups, lr=lr, betas=spec.betas, eps=spec.eps, weight_decay=0.0)
 
 
+# `optim.lr: auto`: each family's usual rate per `reference_batch_size` (128) images, with its source.
+AUTO_LR: dict[str, tuple[float, str]] = {
+    "sgd": (
+        0.2,
+        "SGD + Nesterov 0.9: 0.1 per 128 (Zagoruyko & Komodakis 2016) to 0.1 per 256 scaled linearly "
+        "(Goyal et al. 2017); 0.2 per 128 measured best on the digits with warm-up and cosine",
+    ),
+    "adagrad": (1e-2, "Duchi et al. 2011; the default of PyTorch and Keras"),
+    "rmsprop": (1e-3, "Hinton's lecture 6e; the default of Keras"),
+    "adam": (1e-3, "Kingma & Ba 2015"),
+    "amsgrad": (1e-3, "Reddi et al. 2018 (Adam's rate)"),
+    "adamw": (1e-3, "Loshchilov & Hutter 2019 (Adam's rate)"),
+    "nadam": (2e-3, "Dozat 2016"),
+    "radam": (1e-3, "Liu et al. 2020"),
+    "adabelief": (1e-3, "Zhuang et al. 2020"),
+    "diffgrad": (1e-3, "Dubey et al. 2019"),
+}
+
+
+def auto_lr(name: str) -> float:
+    """The usual learning rate of optimiser `name` per 128 images (Adam's for an unknown adaptive one)."""
+    return AUTO_LR.get(name, AUTO_LR["adam"])[0]
+
+
+def base_lr(spec: OptimSpec) -> float:
+    """`optim.lr` as a number per `reference_batch_size` images: as written, or the family's with `auto`.
+    The one place `auto` is resolved; everything that needs the rate (optimiser, advice) calls this."""
+    return auto_lr(spec.name) if spec.lr == "auto" else float(spec.lr)
+
+
 def effective_lr(spec: OptimSpec, batch_size: int) -> float:
     """The linear scaling rule (Goyal et al. 2017): lr grows with the batch relative to the reference."""
     if spec.lr_scaling == "linear":
-        return spec.lr * batch_size / spec.reference_batch_size
-    return spec.lr
+        return base_lr(spec) * batch_size / spec.reference_batch_size
+    return base_lr(spec)
 
 
 def create_optimizer(groups: list[dict[str, Any]], spec: OptimSpec, lr: float) -> torch.optim.Optimizer:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from dragontrainer.monitor.diagnose import Finding, RunRecords, diagnose
+from dragontrainer.optim.optimizers import base_lr
 from dragontrainer.run import RunDir, atomic_write_json, atomic_write_text
 
 STYLE = """
@@ -38,6 +39,12 @@ details#recipe > summary { font-size: 1.2em; font-weight: bold; cursor: pointer;
 
 def escape(value: Any) -> str:
     return html.escape(str(value), quote=True)
+
+
+# a finding's `plot` -> the figure that shows its evidence (the anchor its link jumps to)
+PLOTS = {"loss": "curves", "accuracy": "curves", "lr": "learning-rate", "activations": "activation-heatmap",
+         "grad": "gradient-heatmap", "dead": "dead-units", "update": "update-ratios", "confusion": "confusion",
+         "inputs": "augmented", "suspects": "suspects"}  # fmt: skip
 
 
 def image_tag(data: bytes | None, alt: str, caption: str, name: str = "") -> str:
@@ -64,12 +71,26 @@ def checkpoint_shapes(run_dir: RunDir) -> dict[str, list[int]]:
     return {}
 
 
-def finding_block(finding: Finding) -> str:
+def evidence_link(finding: Finding, shown: set[str]) -> str:
+    """A link to the figure with the finding's evidence, naming the step and layer to look at."""
+    anchor = PLOTS.get(finding.plot or "")
+    if anchor is None or anchor not in shown:
+        return ""
+    where = [f"{k} {finding.evidence[k]}" for k in ("step", "epoch", "layer") if finding.evidence.get(k) is not None]
+    return f' <a href="#plot-{anchor}">see the evidence{": " + escape(", ".join(where)) if where else ""}</a>'
+
+
+def finding_block(finding: Finding, shown: set[str] = frozenset()) -> str:  # type: ignore[assignment]
     evidence = escape(json.dumps(finding.evidence, default=str)[:2000])
+    if finding.because:  # a consequence, shown beneath the finding that explains it
+        return (f'<div class="finding {finding.severity}" style="margin-left:2em">…which is why '
+                f'<span class="key">{escape(finding.key)}</span>: {escape(finding.verdict)}'
+                f"{evidence_link(finding, shown)}</div>")  # fmt: skip
+    tried = " ".join(finding.overrides)
     return (
         f'<div class="finding {finding.severity}"><span class="sev">{finding.severity}</span>'
-        f'<span class="key">{escape(finding.key)}</span><div>{escape(finding.verdict)}</div>'
-        f'<div class="advice"><b>Try:</b> {escape(finding.advice)}</div>'
+        f'<span class="key">{escape(finding.key)}</span><div>{escape(finding.verdict)}{evidence_link(finding, shown)}'
+        f'</div><div class="advice"><b>Try:</b> <code>{escape(tried)}</code> {escape(finding.advice)}</div>'
         f"<details><summary>evidence</summary><code>{evidence}</code></details></div>"
     )
 
@@ -81,7 +102,7 @@ def summary_table(run: RunRecords, result: dict[str, Any] | None) -> str:
             ("images", f"{run.data['num_train']} train / {run.data['num_val']} val / {run.data['num_test']} test"),
             ("model", f"{run.recipe.model.name}, {run.recipe.model.activation}, norm {run.recipe.model.norm}, "
                       f"init {run.recipe.model.init}"),
-            ("optimiser", f"{run.recipe.optim.name} lr {run.recipe.optim.lr:g}, "
+            ("optimiser", f"{run.recipe.optim.name} lr {run.recipe.optim.lr} ({base_lr(run.recipe.optim):g}), "
                           f"schedule {run.recipe.schedule.name}")]  # fmt: skip
     if run.val:
         # the best checkpoint is chosen by train.early_stopping.monitor, as the CLI reports it
@@ -128,6 +149,24 @@ def augmented_samples(run_dir: RunDir, classes: list[str]) -> bytes | None:
     tensors = load_file(file)
     labels = [classes[int(i)] for i in tensors["labels"]]
     return plots.image_grid(tensors["images"], labels, "augmented training images (as the network gets them)")
+
+
+def suspects_gallery(run_dir: RunDir, classes: list[str]) -> bytes | None:
+    """The training images whose label the model most confidently disagrees with (suspect_labels.csv)."""
+    file = run_dir.file("suspects.safetensors")
+    if not file.exists():
+        return None
+    from safetensors.numpy import load_file
+
+    from dragontrainer.report import plots
+
+    tensors = load_file(file)
+    if not len(tensors["images"]):
+        return None
+    labels = [
+        f"{classes[int(g)]}→{classes[int(p)]}" for g, p in zip(tensors["given"], tensors["predicted"], strict=True)
+    ]
+    return plots.image_grid(tensors["images"], labels, "suspect labels: given → predicted")
 
 
 def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str:
@@ -177,6 +216,9 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
                       if epochs else "", "confusion"),
             image_tag(safe(lambda: augmented_samples(run_dir, records.data["classes"])), "augmented images",
                       "A batch after augmentation, before preprocessing.", "augmented"),
+            image_tag(safe(lambda: suspects_gallery(run_dir, records.data["classes"])), "suspect labels",
+                      "Training images whose given label the model confidently disagrees with (out-of-sample "
+                      "predictions); all of them are in suspect_labels.csv.", "suspects"),
         ],
     }  # fmt: skip
     from dragontrainer.monitor.lr_finder import report_section
@@ -189,6 +231,8 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
         "No problems found." if not counts["error"] and not counts["warning"]
         else f"{counts['error']} error(s), {counts['warning']} warning(s)."
     )  # fmt: skip
+    shown = {anchor for tags in figures.values() for tag in tags for anchor in PLOTS.values()
+             if f'id="plot-{anchor}"' in tag}  # fmt: skip
     sections = "".join(f"<h2>{escape(title)}</h2>" + "".join(tags) for title, tags in figures.items() if any(tags))
     recipe_text = run_dir.recipe_path.read_text(encoding="utf-8") if run_dir.recipe_path.exists() else ""
     return f"""<!DOCTYPE html>
@@ -196,7 +240,7 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
 <style>{STYLE}</style></head><body>
 <h1>dragon report</h1><div class="meta">{escape(run_dir.path)}</div>
 <h2>What the dragon tells you</h2><p>{escape(headline)}</p>
-{"".join(finding_block(f) for f in findings)}
+{"".join(finding_block(f, shown) for f in findings)}
 <h2>Summary</h2>{summary_table(records, result)}
 {sections}
 <details id="recipe"><summary>Recipe (recipe.yaml: every knob of this run)</summary><pre>{escape(recipe_text)}</pre>

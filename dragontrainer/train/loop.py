@@ -31,13 +31,14 @@ from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import ImageSet
 from dragontrainer.data.split import Split, split_for
 from dragontrainer.errors import DataError, RecipeError, RunError
+from dragontrainer.monitor.evidence import label_noise_record, probe_loader
 from dragontrainer.monitor.mlflow import create_mlflow
 from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_parameters
 from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboard
 from dragontrainer.nn.init import lsuv_rescale
 from dragontrainer.nn.models import count_parameters, create_model
 from dragontrainer.nn.pretrained import load_pretrained
-from dragontrainer.optim.optimizers import create_optimizer, effective_lr
+from dragontrainer.optim.optimizers import base_lr, create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
 from dragontrainer.optim.schedules import LrFactor, create_schedule
@@ -277,6 +278,7 @@ class Loop:
     monitor: Monitor | None = None
     console: Console | None = None
     tensorboard: TensorBoardSink | None = None
+    eval_probe: DeviceLoader | None = None  # fixed training images scored in eval mode every epoch (diagnosis)
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -461,6 +463,10 @@ class Loop:
             "accuracy": meter.accuracy(), "lr": self.current_lr(), "images": meter.seen,
             "seconds": meter.seconds, "images_per_second": meter.seen / max(meter.seconds, 1e-9),
         }  # fmt: skip
+        if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
+            probe = self.evaluate(self.eval_probe)
+            train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
+                                eval_images=self.eval_probe.num_images)  # fmt: skip
         val_record = {"epoch": epoch, "split": "val", "step": state.global_step, **val}
         logs = {"train_loss": train_record["loss"], "train_accuracy": train_record["accuracy"],
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"]}  # fmt: skip
@@ -532,6 +538,9 @@ def create_monitor(
     if not resume:  # a fresh start (also after a kill before the first checkpoint): a fresh file
         run.keep_stats_through(-1)
         run.append_stats([monitor.probe_record(data.num_classes, train.y[index])])
+        from dragontrainer.monitor.doctor import start_checks
+
+        run.append_stats([start_checks(recipe, data, device)])
     return monitor
 
 
@@ -598,8 +607,9 @@ def fit(
         run, model, optimizer, lr_factor, criterion, augment,
         torch.Generator(device).manual_seed(recipe.seed + 1), data,
         autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
-        accumulate, recipe.augment.tta_flip, recipe.optim.lr, recipe.monitor, monitor, console,
+        accumulate, recipe.augment.tta_flip, base_lr(recipe.optim), recipe.monitor, monitor, console,
         create_tensorboard(recipe.monitor, run),
+        eval_probe=probe_loader(data.train, recipe.train.eval_batch_size) if monitor is not None else None,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device)
     if resume:
@@ -674,9 +684,25 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         history=history,
     )
     loop.run.write_json("result.json", result.summary())
+    if loop.monitor is not None:
+        write_label_noise(loop, recipe, state)
     if recipe.monitor.report:  # the report puts its findings into result.json too (findings.json's copy)
         result.findings = report_run(loop.run, loop.console or Console(stderr=True, quiet=True))
     return result
+
+
+def write_label_noise(loop: Loop, recipe: Recipe, state: TrainState) -> None:
+    """Confident learning on the best checkpoint's features (monitor/evidence.py): a `label_noise` line
+    in stats.jsonl and suspect_labels.csv. Failing to estimate it is reported, never fatal."""
+    if checkpoint_folder(loop.run.checkpoints / "best") is not None:
+        load_model_weights(loop.run.checkpoints / "best", loop.model)
+    try:
+        record = label_noise_record(loop.model, loop.data, loop.run, recipe.seed, state.global_step)
+    except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
+        if loop.console is not None:
+            loop.console.print(f"[yellow]label noise could not be estimated: {text(exc)}[/]")
+        return
+    loop.run.append_stats([record])
 
 
 def report_run(run: RunDir, console: Console) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from dragontrainer.optim.schedules import warmup_epochs
 from dragontrainer.recipe import Recipe, ScheduleSpec
 from dragontrainer.run import atomic_write_bytes
 from dragontrainer.train.callbacks import Callback, Logs
@@ -27,7 +28,7 @@ SNAPSHOT_FOLDER = "snapshots"
 def cycle_end_steps(spec: ScheduleSpec, steps_per_epoch: int, total_steps: int) -> list[int]:
     """Optimiser steps at which a cosine_restarts / cyclic cycle ends (the lr at its low), with the
     rounding `optim/schedules.py` uses, after the warm-up."""
-    warmup = round(spec.warmup_epochs * steps_per_epoch)
+    warmup = round(warmup_epochs(spec, total_steps / steps_per_epoch) * steps_per_epoch)
     ends = []
     if spec.name == "cosine_restarts":
         period, end = max(1, round(spec.restart_epochs * steps_per_epoch)), warmup

@@ -12,11 +12,14 @@ import torch
 
 from dragontrainer import RunError
 from dragontrainer.monitor.diagnose import (
+    EXPLAINS,
     RULES,
     Finding,
     diagnose,
     expected_distinct_classes,
     loss_floor,
+    rank,
+    reconcile,
     symmetric_layers,
 )
 
@@ -46,8 +49,8 @@ def test_symmetric_layers_are_those_whose_units_start_equal() -> None:
 def test_every_rule_is_documented_and_returns_findings_or_none() -> None:
     for name in RULES.names():
         assert RULES.describe()[name], name
-    finding = Finding("k", "warning", "v 1", "a=b")
-    assert finding.to_dict() == {"key": "k", "severity": "warning", "verdict": "v 1", "advice": "a=b", "evidence": {}}
+    finding = Finding("k", "warning", "v 1", ["a=b"])
+    assert Finding.from_dict(finding.to_dict()) == finding
 
 
 def test_a_folder_that_never_trained_is_a_clear_error(tmp_path: Path) -> None:
@@ -74,9 +77,73 @@ def test_printed_findings_keep_user_text_literal() -> None:
     from dragontrainer.monitor.diagnose import print_findings
 
     console = Console(record=True, width=200)
-    findings = [Finding("class_imbalance", "warning", "worst class [bold]x[/bold] at 0%", "train.class_weights=[1]"),
-                Finding("noise_scale", "info", "scale 3", "none")]  # fmt: skip
+    findings = [Finding("class_imbalance", "warning", "worst class [bold]x[/bold] at 0%", ["train.class_weights=[1]"]),
+                Finding("noise_scale", "info", "scale 3", [], "none")]  # fmt: skip
     print_findings(console, findings, with_info=False)
     text = console.export_text()
     assert "worst class [bold]x[/bold] at 0%" in text and "train.class_weights=[1]" in text
     assert "noise_scale" not in text and "no problems" not in text
+
+
+def finding(key: str, severity: str = "warning", strong: bool = False, overrides: tuple[str, ...] = ()) -> Finding:
+    return Finding(key, severity, f"{key} 1", list(overrides), strong=strong)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cause_severity", ["info", "warning", "error"])
+def test_a_cause_outranks_the_symptom_it_explains_whatever_the_severities(cause_severity: str) -> None:
+    symptoms = [finding("loss_not_decreasing", "error"), finding("lr_too_high", "error"), finding("dead_units")]
+    ranked = rank([*symptoms, finding("unshuffled_data", cause_severity, strong=True)])
+    assert ranked[0].key == "unshuffled_data"
+    assert ranked[0].severity == "error"  # a cause is as serious as the worst consequence it explains
+    assert all(f.because is not None for f in ranked[1:])
+    # a chain: the cause, then lr_too_high, then what lr_too_high explains beneath it
+    by_key = {f.key: f for f in ranked}
+    assert by_key["lr_too_high"].because == "unshuffled_data"
+    assert by_key["dead_units"].because == "lr_too_high"
+
+
+def test_unrelated_roots_rank_by_severity_then_strong_evidence_not_by_name() -> None:
+    ranked = rank([finding("class_imbalance", strong=True), finding("noisy_loss"), finding("overfitting", "error")])
+    assert [f.key for f in ranked] == ["overfitting", "class_imbalance", "noisy_loss"]
+    assert all(f.because is None for f in ranked)
+
+
+def test_the_explanation_graph_names_rules_and_has_no_cycle() -> None:
+    names = set(RULES.names())
+    assert all(explained <= names for explained in EXPLAINS.values())
+    state: dict[str, int] = {}
+
+    def visit(key: str) -> None:
+        assert state.get(key) != 1, f"cycle through {key}"
+        if state.get(key) == 2:
+            return
+        state[key] = 1
+        for child in EXPLAINS[key]:
+            visit(child)
+        state[key] = 2
+
+    for name in names:
+        visit(name)
+
+
+def test_reconcile_keeps_the_higher_findings_knob_and_drops_the_contradiction() -> None:
+    ranked = [finding("overfitting", overrides=("model.dropout=0.5",)),
+              finding("over_regularisation", overrides=("model.dropout=0.3", "optim.weight_decay=0.0005"))]  # fmt: skip
+    kept = reconcile(ranked)
+    assert kept[0].overrides == ["model.dropout=0.5"]
+    assert kept[1].overrides == ["optim.weight_decay=0.0005"]
+    assert kept[1].evidence["overridden_by_higher_finding"] == ["model.dropout=0.3"]
+
+
+def test_explained_findings_print_beneath_their_cause() -> None:
+    from rich.console import Console
+
+    from dragontrainer.monitor.diagnose import print_findings
+
+    console = Console(record=True, width=200)
+    print_findings(console, rank([finding("loss_not_decreasing", "error", overrides=("optim.lr=0.02",)),
+                                  finding("unshuffled_data", strong=True, overrides=("train.shuffle=true",))]),
+                   with_info=False)  # fmt: skip
+    lines = console.export_text().splitlines()
+    assert lines[0].startswith("error unshuffled_data") and "train.shuffle=true" in lines[1]
+    assert "which is why loss_not_decreasing" in lines[2]

@@ -12,7 +12,7 @@ from torch import nn
 from dragontrainer import doctor
 from dragontrainer.cli import main
 from dragontrainer.monitor.doctor import Patient, gradient_flow
-from tests.monitor.scenarios import digits, shuffled_labels, sorted_by_label
+from tests.monitor.scenarios import digits, digits_with
 
 SMALL = ["model.widths=[16,32,32]"]
 
@@ -37,7 +37,7 @@ def test_unnormalised_inputs_are_caught() -> None:
 
 
 def test_shuffled_labels_fail_and_exit_1(tmp_path: Path, capsys) -> None:
-    overrides = [*SMALL, *shuffled_labels(tmp_path)]
+    overrides = [*SMALL, *digits_with("shuffled_labels", tmp_path)]
     report = doctor(overrides=overrides)
     assert report.check("label_consistency").status == "fail" and report.failed
     assert "unrelated" in report.check("label_consistency").message
@@ -48,13 +48,13 @@ def test_shuffled_labels_fail_and_exit_1(tmp_path: Path, capsys) -> None:
 
 
 def test_data_ordered_by_label_without_shuffling_fails(tmp_path: Path) -> None:
-    report = doctor(overrides=[*SMALL, *sorted_by_label(tmp_path), "train.shuffle=false"])
+    report = doctor(overrides=[*SMALL, *digits_with("sorted_by_label", tmp_path), "train.shuffle=false"])
     assert report.check("batch_labels").status == "fail"
-    assert doctor(overrides=[*SMALL, *sorted_by_label(tmp_path)]).check("batch_labels").status == "pass"
+    assert doctor(overrides=[*SMALL, *digits_with("sorted_by_label", tmp_path)]).check("batch_labels").status == "pass"
 
 
 def test_duplicates_across_splits_fail(tmp_path: Path) -> None:
-    x, y = digits()
+    x, y = np.stack(digits()[0]), digits()[1]
     np.savez(tmp_path / "twice.npz", x=np.concatenate([x, x]), y=np.concatenate([y, y]))
     report = doctor(overrides=[*SMALL, "data.source=npz", f"data.path={tmp_path / 'twice.npz'}"])
     check = report.check("split_overlap")
@@ -67,9 +67,7 @@ def test_oversized_initial_weights_fail_the_initial_loss() -> None:
 
 
 def test_imbalanced_classes_warn(tmp_path: Path) -> None:
-    from tests.monitor.scenarios import imbalanced
-
-    report = doctor(overrides=[*SMALL, *imbalanced(tmp_path)])
+    report = doctor(overrides=[*SMALL, *digits_with("imbalanced", tmp_path)])
     assert report.check("class_balance").status == "warn"
 
 

@@ -114,3 +114,18 @@ def test_every_optimiser_descends_and_respects_param_group_decay(name: str) -> N
     opt.step()
     assert torch.equal(plain.detach(), torch.ones(3))
     assert (decayed.detach() < 1).all(), name
+
+
+def test_auto_learning_rate_comes_from_the_optimiser_family() -> None:
+    from dragontrainer.optim.optimizers import AUTO_LR, OPTIMIZERS, base_lr, effective_lr
+    from dragontrainer.recipe import Recipe
+
+    assert Recipe.load().optim.lr == "auto"
+    assert set(AUTO_LR) == set(OPTIMIZERS.names())
+    assert all(source for _, source in AUTO_LR.values())
+    assert base_lr(Recipe.load().optim) == 0.2  # the digits default keeps its rate
+    assert base_lr(Recipe.load(overrides=["optim.name=adam"]).optim) == 1e-3
+    assert base_lr(Recipe.load(overrides=["optim.name=adagrad"]).optim) == 1e-2
+    assert base_lr(Recipe.load(overrides=["optim.name=adam", "optim.lr=0.02"]).optim) == 0.02  # as written
+    assert effective_lr(Recipe.load(overrides=["optim.name=adamw"]).optim, 256) == 2e-3  # linear scaling
+    assert Recipe.load(overrides=["optim.lr=auto"]).to_yaml().count("lr: auto") == 1

@@ -56,7 +56,7 @@ def test_report_opens_in_chromium_with_every_figure(tmp_path: Path) -> None:
     def inspect(browser_page: Any) -> None:
         # every figure has its anchor, for findings to link to
         ids = browser_page.eval_on_selector_all("figure[id]", "figures => figures.map(f => f.id)")
-        assert ids == [f"plot-{n}" for n in PLOTS]
+        assert ids == [f"plot-{n}" for n in PLOTS] + (["plot-suspects"] if "plot-suspects" in ids else [])
         # the recipe is folded away at the end: closed, its text hidden until the summary is clicked
         assert browser_page.eval_on_selector("details#recipe", "d => d.open") is False
         assert not browser_page.is_visible("details#recipe pre")
@@ -68,8 +68,10 @@ def test_report_opens_in_chromium_with_every_figure(tmp_path: Path) -> None:
 
     images, problems = open_in_chromium(page, inspect)
     assert problems == []
-    # curves, learning rate, 2 heat maps, dead units, update ratios, filters, confusion, augmented samples
-    assert len(images) == 9 and all(complete and width > 0 for complete, width in images)
+    # curves, learning rate, 2 heat maps, dead units, update ratios, filters, confusion, augmented samples,
+    # and the suspect-label gallery when confident learning found any
+    suspects = 'id="plot-suspects"' in page.read_text()
+    assert len(images) == 9 + suspects and all(complete and width > 0 for complete, width in images)
     for shot in ("report.png", "heatmap.png"):
         assert (shots / shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # heat-map rows are named by type, position and path (the text lives in the PNG: check the labels drawn)
@@ -150,8 +152,8 @@ def test_comparison_page_links_runs_and_shows_findings_and_fixed_settings(tmp_pa
 
 def test_findings_come_first_ordered_by_severity(tmp_path: Path) -> None:
     run = train(overrides=[*TINY, "preprocess.name=none", "model.init=zeros", f"run.dir={tmp_path}"])
-    severities = [f["severity"] for f in run.findings]
-    assert severities == sorted(severities, key=["error", "warning", "info"].index)
+    roots = [f["severity"] for f in run.findings if f["because"] is None]  # causes, each followed by what it explains
+    assert roots == sorted(roots, key=["error", "warning", "info"].index)
     text = (tmp_path / "report.html").read_text()
     assert text.index("bad_init") < text.index("unnormalised_inputs") < text.index("<h2>Summary</h2>")
     assert json.loads((tmp_path / "findings.json").read_text()) == run.findings
