@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -335,7 +335,7 @@ class OptimSpec(Section):
     """Optimiser and its hyperparameters; `lr` is per `reference_batch_size` images."""
 
     name: str = "sgd"  # sgd | adagrad | rmsprop | adam | amsgrad | adamw | nadam | radam | adabelief | diffgrad
-    lr: Annotated[float, Field(gt=0, le=100)] | Literal["auto", "find"] = "auto"  # auto: the optimiser family's
+    lr: float | Literal["auto", "find"] = "auto"  # auto: the optimiser family's
     # usual rate (see optim.optimizers.AUTO_LR); find: an LR range test picks it before training (dragon lr-find)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
@@ -356,12 +356,12 @@ class OptimSpec(Section):
     @field_validator("lr", mode="wrap")
     @classmethod
     def _lr_or_find(cls, value: Any, handler: Any) -> float | str:
-        if value == "find":
+        if value in ("auto", "find"):
             return value
         try:
             lr = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"must be a positive number or 'find', got {value!r}") from None
+            raise ValueError(f"must be a positive number, 'auto' or 'find', got {shorten(repr(value))}") from None
         if not 0 < lr <= 100:
             raise ValueError("input should be greater than 0" if lr <= 0 else "input should be at most 100")
         return lr
