@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from dragontrainer.data.augment import flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import convert_color, decode_image, load_images
-from dragontrainer.errors import DataError, RunError
+from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.nn.models import create_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir
@@ -83,17 +84,65 @@ def report(run_dir: str | Path) -> tuple[Path, list[Any]]:
     return write_report(run_dir)
 
 
+EXTENDABLE = ("train.epochs", "train.early_stopping.")  # what may change when a run is continued
+
+
+class RunFinished(DragonError):
+    """`dragon resume` of a run that has nothing left to do; carries the stored result."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 def resume(
-    run_dir: str | Path, *, progress: bool = False, console: Console | None = None, callbacks: Sequence[Callback] = ()
+    run_dir: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    progress: bool = False,
+    console: Console | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
-    """Continue a stopped run from its `last` checkpoint; the result equals an uninterrupted run's."""
+    """Continue a stopped run from its `last` checkpoint; the result equals an uninterrupted run's.
+    `overrides` may lengthen it (`train.epochs=60`) or change early stopping; a finished run with
+    nothing to add raises RunFinished (its stored result is not rewritten)."""
     run = RunDir.open(run_dir)
     with run.lock():
         run.remove_stale_temporaries()  # a kill during a checkpoint swap leaves .last.XXXXXXXX.tmp behind
+        recipe = run.recipe()
+        extended_from = None
+        if overrides:
+            recipe, extended_from = extend_recipe(run, recipe, overrides)
         has_checkpoint = checkpoint_folder(run.checkpoints / "last") is not None
+        if extended_from is None and has_checkpoint and run.file("result.json").is_file():
+            summary = json.loads(run.file("result.json").read_text(encoding="utf-8"))
+            raise RunFinished(
+                f"{run.path}: finished ({summary.get('epochs')} of {recipe.train.epochs} epochs"
+                + (f"; {summary['stop_reason']}" if summary.get("stop_reason") else "")
+                + f"); to train longer: dragon resume {run.path} train.epochs=N",
+                summary,
+            )
         if not has_checkpoint:
             run.keep_metrics_through(0)  # killed before the first checkpoint: start again
-        return fit(run.recipe(), run, resume=has_checkpoint, progress=progress, callbacks=callbacks, console=console)
+        return fit(recipe, run, resume=has_checkpoint, progress=progress, callbacks=callbacks, console=console,
+                   extended_from=extended_from if has_checkpoint else None)  # fmt: skip
+
+
+def extend_recipe(run: RunDir, recipe: Recipe, overrides: Sequence[str]) -> tuple[Recipe, int | None]:
+    """Apply the allowed overrides of a continued run and record the new recipe in its folder."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not (key == EXTENDABLE[0] or key.startswith(EXTENDABLE[1])):
+            raise RecipeError(
+                f"{key}: only train.epochs and train.early_stopping.* can change when a run is continued; "
+                f"for anything else start a new run (model.weights={run.path} starts from its weights)"
+            )
+    changed = recipe.with_overrides(overrides)
+    if changed.train.epochs < recipe.train.epochs:
+        raise RecipeError(f"train.epochs={changed.train.epochs}: the run is planned for {recipe.train.epochs}; "
+                          "a continued run can only be made longer")  # fmt: skip
+    run.write_text("recipe.yaml", changed.to_yaml())
+    return changed, (recipe.train.epochs if changed.train.epochs > recipe.train.epochs else None)
 
 
 @dataclass

@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--deterministic", action="store_true", help="same as train.deterministic=true")
 
-    p = command("resume", cmd_resume, "continue a stopped run from its last checkpoint")
+    p = command("resume", cmd_resume, "continue a stopped run: dragon resume RUN [train.epochs=N]")
     p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("items", nargs="*", metavar="train.epochs=N", help="lengthen the run (or change early stopping)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
@@ -237,11 +238,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from dragontrainer.api import resume
+    from dragontrainer.api import RunFinished, resume
     from dragontrainer.train.loop import TrainingDiverged, TrainingInterrupted
 
     try:
-        result = resume(args.run_dir, progress=not args.quiet, console=Console(stderr=True, quiet=args.quiet))
+        result = resume(
+            args.run_dir, args.items, progress=not args.quiet, console=Console(stderr=True, quiet=args.quiet)
+        )
+    except RunFinished as exc:
+        print(f"dragon: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(exc.summary))
+        return 0
     except TrainingInterrupted as exc:
         print(f"dragon: {exc}", file=sys.stderr)
         return exc.exit_code

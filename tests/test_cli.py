@@ -170,3 +170,31 @@ def test_eval_reproduces_the_validation_loss_with_class_weights(
     best_val = next(r for r in history if r["split"] == "val" and r["epoch"] == best_epoch)
     code, out, _ = run_cli(capsys, "eval", str(run_dir), "--json")
     assert code == 0 and json.loads(out)["loss"] == pytest.approx(best_val["loss"], rel=1e-5)
+
+
+def test_resume_of_a_finished_run_says_so_and_more_epochs_extend_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, "train.early_stopping.patience=null", f"run.dir={run_dir}", "--quiet"]) == 0
+    result = (run_dir / "result.json").read_bytes()
+    capsys.readouterr()
+    assert main(["resume", str(run_dir)]) == 0
+    assert "finished (3 of 3 epochs)" in capsys.readouterr().err and (run_dir / "result.json").read_bytes() == result
+    assert main(["resume", str(run_dir), "model.widths=[8]"]) == 2
+    assert "only train.epochs and train.early_stopping" in capsys.readouterr().err
+    code = main(["resume", str(run_dir), "train.epochs=5", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out.splitlines()[-1])["epochs"] == 5
+    assert "extending the run from 3 to 5 epochs" in err
+    epochs = [r["epoch"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert epochs == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert Recipe.load(run_dir / "recipe.yaml").train.epochs == 5
+
+
+def test_overrides_after_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--print-recipe", "train.epochs=6"]) == 0
+    assert "epochs: 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "somewhere", "a=1"])
+    assert exited.value.code == 2 and capsys.readouterr().err == "dragon: error: unrecognized arguments: a=1\n"

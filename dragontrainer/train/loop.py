@@ -552,8 +552,10 @@ def fit(
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     console: Console | None = None,
+    extended_from: int | None = None,
 ) -> TrainResult:
-    """Train `recipe` into the run folder `run` (or continue it from `last` when `resume`)."""
+    """Train `recipe` into the run folder `run` (or continue it from `last` when `resume`).
+    `extended_from`: the run was planned for this many epochs and is now extended to train.epochs."""
     console = console or Console(stderr=True, quiet=not progress)
     started = time.perf_counter()
     device = resolve_device(recipe.train.device)
@@ -614,6 +616,9 @@ def fit(
     state, meter = TrainState(), EpochMeter(device)
     if resume:
         loop.restore(state, meter)
+        if extended_from is not None:
+            state.stop_reason = None  # an early-stopped run continues into its new epochs
+            console.print(describe_extension(recipe, extended_from, steps_per_epoch, state.global_step))
     elif recipe.monitor.on_nan == "rollback":
         loop.save_last(state, meter)  # something to roll back to from the first epoch
     console.print(
@@ -652,6 +657,24 @@ def fit(
     if loop.tensorboard is not None:
         loop.tensorboard.close()
     return finish(loop, recipe, state, time.perf_counter() - started)
+
+
+def describe_extension(recipe: Recipe, old_epochs: int, steps_per_epoch: int, step: int) -> str:
+    """What lengthening the run does to the learning-rate curve (the schedule spans the new length)."""
+
+    def factor(epochs: int) -> float:
+        schedule = create_schedule(
+            recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * epochs
+        )
+        return schedule(step)
+
+    before, after = factor(old_epochs), factor(recipe.train.epochs)
+    return (
+        f"extending the run from {old_epochs} to {recipe.train.epochs} epochs: the {recipe.schedule.name} schedule "
+        f"now spans {recipe.train.epochs} epochs, so at step {step} the learning rate factor goes from "
+        f"{before:.3g} to {after:.3g}"
+        + (" (it rises again: the decay had nearly finished)" if after > 1.5 * before else "")
+    )
 
 
 def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> TrainResult:
