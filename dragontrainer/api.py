@@ -190,7 +190,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
 
 
 def evaluate_run(
-    run_dir: str | Path, data: str | Path | None = None, *, source: str | None = None, part: str = "all"
+    run_dir: str | Path, data: str | Path | None = None, *, source: str | None = None, part: str = "test"
 ) -> dict[str, Any]:
     """Score the run's best weights: on its own test split (else validation split), or on other data."""
     from dragontrainer.study.ensemble import evaluate_ensemble, is_ensemble

@@ -128,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN")
     p.add_argument("--data", help="a dataset path (.npz, class folders, IDX or CIFAR folder)")
     p.add_argument("--source", help="data source, when it cannot be guessed from --data")
-    p.add_argument("--part", default="all", choices=["train", "test", "all"], help="MNIST/CIFAR part of --data")
+    p.add_argument(
+        "--part",
+        default="test",
+        choices=["train", "test", "all"],
+        help="MNIST/CIFAR part of --data (default: the official test files)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = command("predict", cmd_predict, "class and probability for each image file")

@@ -45,7 +45,9 @@ class DataSpec(Section):
 
     source: str = "auto"  # auto: inferred from `path` (no path: digits); digits, npz, image-folder, cifar, mnist-idx
     path: Path | None = None  # file or folder, for every source but the embedded digits
-    part: Literal["train", "test", "all"] = "train"  # official part of MNIST / CIFAR files to load
+    # MNIST / CIFAR files: official = the training files, the official test files as the run's test split;
+    # train / test / all = only those files, split by val_fraction / test_fraction (other sources: unused)
+    part: Literal["official", "train", "test", "all"] = "official"
     image_size: int | None = Field(None, ge=1, le=4096)  # resize every image to S×S pixels
     color: Literal["auto", "rgb", "gray"] = "auto"  # auto: gray if every image file is gray
     cifar_labels: Literal["fine", "coarse"] = "fine"  # CIFAR-100 only

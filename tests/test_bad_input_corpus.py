@@ -118,7 +118,7 @@ CORPUS: dict[str, tuple[Case, str]] = {
     "idx corrupt gzip": (corrupt_gzip, "not a readable gzip file"),
     # CIFAR
     "cifar batch of the wrong length": (cifar_with(lambda r: (r / "data_batch_2.bin").write_bytes(b"\0" * 5000)), "not a whole number of 3073-byte"),
-    "cifar batch missing": (cifar_with(lambda r: (r / "data_batch_4.bin").unlink()), "data_batch_4.bin: CIFAR batch file missing"),
+    "cifar without training batches": (cifar_with(lambda r: [p.unlink() for p in r.glob("data_batch_*")]), "no CIFAR training batches"),
     "cifar python batch holding code": (cifar_with(lambda r: (r / "data_batch_1").write_bytes(pickle.dumps({b"data": PlantMarker(r / "pwned")})), python=True), "refusing to load pathlib"),
     "cifar python batch not a pickle": (cifar_with(lambda r: (r / "data_batch_3").write_bytes(b"garbage"), python=True), "data_batch_3: "),
     "cifar folder without batches": (empty_cifar_folder, "no CIFAR files found"),

@@ -12,7 +12,7 @@ import io
 import math
 import pickle
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +32,8 @@ def cifar(spec: DataSpec) -> ImageSet:
     root = spec.path
     assert root is not None
     root = find_cifar_folder(root)
+    if spec.part == "official":
+        return with_official_test(lambda part: cifar(spec.model_copy(update={"path": root, "part": part})))
     parts = {"train": ["train"], "test": ["test"], "all": ["train", "test"]}[spec.part]
     if (root / "batches.meta.txt").exists() or (root / "data_batch_1.bin").exists():
         return cifar10_binary(root, parts)
@@ -49,15 +51,43 @@ def find_cifar_folder(root: Path) -> Path:
     if root.is_file():
         raise DataError(f"{root}: cifar expects the extracted folder, not a file")
     children = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("cifar")]
-    return children[0] if len(children) == 1 and not any(root.glob("*batch*")) else root
+    has_batches = any(p.is_file() and ("batch" in p.name or p.name in ("train", "train.bin")) for p in root.iterdir())
+    return children[0] if len(children) == 1 and not has_batches else root
+
+
+def with_official_test(load_part: Callable[[str], ImageSet]) -> ImageSet:
+    """The training files, plus the official test files marked as the run's test split (when present)."""
+    train = load_part("train")
+    try:
+        test = load_part("test")
+    except DataError as exc:
+        train.notes.append(f"no official test part ({exc}); the run has no test split unless data.test_fraction > 0")
+        return train
+    mask = np.concatenate([np.zeros(len(train.y), bool), np.ones(len(test.y), bool)])
+    classes = train.classes if len(train.classes) >= len(test.classes) else test.classes
+    return ImageSet(np.concatenate([train.x, test.x]), np.concatenate([train.y, test.y]), classes, train.flip_safe,
+                    [*train.notes, *test.notes], official_test=mask)  # fmt: skip
+
+
+def present_batches(root: Path, names: list[str], notes: list[str]) -> list[str]:
+    """The training batches that exist; fewer than all is allowed, with a note (none is an error)."""
+    found = [n for n in names if (root / n).is_file()]
+    if not found:
+        raise DataError(f"{root}: no CIFAR training batches ({names[0]} ... {names[-1]}) found")
+    if len(found) < len(names):
+        notes.append(f"{root}: {len(found)} of {len(names)} CIFAR training batches found ({', '.join(found)})")
+    return found
 
 
 def cifar10_binary(root: Path, parts: list[str]) -> ImageSet:
+    notes: list[str] = []
     names = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+    if "train" in parts:
+        names["train"] = present_batches(root, names["train"], notes)
     files = [root / n for part in parts for n in names[part]]
     xs, ys = zip(*(read_cifar_records(f, label_bytes=1, label_index=0) for f in files), strict=True)
     classes = read_names(root / "batches.meta.txt", 10)
-    return ImageSet(np.concatenate(xs), np.concatenate(ys), classes)
+    return ImageSet(np.concatenate(xs), np.concatenate(ys), classes, notes=notes)
 
 
 def cifar100_binary(root: Path, parts: list[str], label_kind: str) -> ImageSet:
@@ -127,6 +157,9 @@ def cifar_python(root: Path, parts: list[str], cifar100: bool, label_kind: str) 
     else:
         names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
         label_key = b"labels"
+    notes: list[str] = []
+    if "train" in parts and not cifar100:
+        names["train"] = present_batches(root, names["train"], notes)
     xs, ys = [], []
     for name in (n for part in parts for n in names[part]):
         path = root / name
@@ -147,7 +180,7 @@ def cifar_python(root: Path, parts: list[str], cifar100: bool, label_kind: str) 
     if not cifar100:
         meta_name, meta_key = "batches.meta", b"label_names"
     classes = cifar_python_names(root / meta_name, meta_key, len(numbered_classes(np.concatenate(ys), str(root))))
-    return ImageSet(np.concatenate(xs), np.concatenate(ys), classes)
+    return ImageSet(np.concatenate(xs), np.concatenate(ys), classes, notes=notes)
 
 
 def cifar_python_names(path: Path, key: bytes, count: int) -> list[str]:
@@ -171,6 +204,8 @@ def mnist_idx(spec: DataSpec) -> ImageSet:
     """IDX files, gzipped or not: MNIST, Fashion-MNIST, KMNIST, EMNIST (transposed back upright)."""
     root = spec.path
     assert root is not None
+    if spec.part == "official":
+        return with_official_test(lambda part: mnist_idx(spec.model_copy(update={"part": part})))
     pairs = find_idx_pairs(root, IDX_PARTS[spec.part])
     xs, ys = [], []
     for images_path, labels_path in pairs:

@@ -35,6 +35,7 @@ class ImageSet:
     classes: list[str]
     flip_safe: bool = True  # False where a mirrored image means something else (digits, letters)
     notes: list[str] = field(default_factory=list)  # what loading inferred or skipped, told to the user once
+    official_test: np.ndarray | None = None  # MNIST/CIFAR: True for images of the official test files
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -105,7 +106,8 @@ def finish(images: ImageSet, spec: DataSpec, origin: str) -> ImageSet:
         )
         x = resize_uint8(x, size)
     x = convert_color(x, spec.color)
-    return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), classes, images.flip_safe, images.notes)
+    return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), classes, images.flip_safe, images.notes,
+                    images.official_test)  # fmt: skip
 
 
 def resize_uint8(x: np.ndarray, size: int) -> np.ndarray:

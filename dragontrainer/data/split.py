@@ -57,8 +57,13 @@ def _share(count: int, fraction: float) -> int:
     return 0 if fraction <= 0 else max(1, round(count * fraction))
 
 
-def split_for(y: np.ndarray, spec: DataSpec) -> Split:
-    """The split a recipe's `data` section asks for: a validation fraction, or fold `fold` of `folds`."""
+def split_for(y: np.ndarray, spec: DataSpec, official_test: np.ndarray | None = None) -> Split:
+    """The split a recipe's `data` section asks for: a validation fraction, or fold `fold` of `folds`.
+    With `official_test` (MNIST/CIFAR test files) those images are the test split and the rest is split."""
+    if official_test is not None and official_test.any():
+        pool = np.flatnonzero(~official_test)
+        inner = split_for(y[pool], spec.model_copy(update={"test_fraction": 0.0}))
+        return Split(pool[inner.train], pool[inner.val], np.flatnonzero(official_test).astype(np.int64))
     if spec.folds == 1:
         return stratified_split(y, spec.val_fraction, spec.test_fraction, spec.split_seed)
     return fold_split(y, spec.folds, spec.fold, spec.test_fraction, spec.split_seed)

@@ -174,7 +174,7 @@ def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
     if len(np.unique(images.y)) < 2:
         raise DataError(f"{recipe.data.path or recipe.data.source}: every image has the same label; "
                         "a classifier needs at least two classes")  # fmt: skip
-    split = split_for(images.y, recipe.data)
+    split = split_for(images.y, recipe.data, images.official_test)
     x = torch.from_numpy(images.x)
     y = torch.from_numpy(images.y)
     preprocessor = create_preprocessor(recipe.preprocess).fit(x[split.train])

@@ -134,7 +134,7 @@ def test_image_folder_pixel_limit(tmp_path: Path) -> None:
 
 
 def test_cifar10_binary_and_python_agree_on_layout(tmp_path: Path) -> None:
-    binary = load_images(spec("cifar", make_cifar10_binary(tmp_path / "cifar-10-batches-bin")))
+    binary = load_images(spec("cifar", make_cifar10_binary(tmp_path / "cifar-10-batches-bin"), part="train"))
     assert binary.x.shape == (100, 3, 32, 32) and binary.classes[0] == "airplane"
     assert len(load_images(spec("cifar", tmp_path / "cifar-10-batches-bin", part="all")).y) == 120
     python = load_images(spec("cifar", make_cifar10_python(tmp_path / "py" / "cifar-10-batches-py"), part="test"))
@@ -192,3 +192,33 @@ def test_missing_path(tmp_path: Path) -> None:
         load_images(spec("npz", tmp_path / "nope.npz"))
     with pytest.raises(DataError, match="needs a file or folder path"):
         load_images(spec("npz"))
+
+
+def test_cifar_parent_folder_and_missing_batches(tmp_path: Path) -> None:
+    root = make_cifar10_binary(tmp_path / "parent" / "cifar-10-batches-bin")
+    images = load_images(spec("cifar", tmp_path / "parent", part="train"))
+    assert len(images.y) == 100 and images.notes == []
+    (root / "data_batch_4.bin").unlink()
+    (root / "data_batch_5.bin").unlink()
+    images = load_images(spec("cifar", tmp_path / "parent", part="train"))
+    assert len(images.y) == 60 and "3 of 5 CIFAR training batches found" in images.notes[0]
+
+
+@pytest.mark.parametrize("kind", ["mnist", "cifar"])
+def test_official_test_files_become_the_test_split(tmp_path: Path, kind: str) -> None:
+    from dragontrainer.data.split import split_for
+
+    if kind == "mnist":
+        root = make_idx(tmp_path / "idx", n=40)
+        make_idx(root, n=20, prefix="t10k")
+        source, train_count, test_count = "mnist-idx", 40, 20
+    else:
+        root, source, train_count, test_count = make_cifar10_binary(tmp_path / "c"), "cifar", 100, 20
+    data = spec(source, root)
+    images = load_images(data)
+    assert images.official_test is not None and int(images.official_test.sum()) == test_count
+    split = split_for(images.y, data, images.official_test)
+    assert sorted(split.test) == list(range(train_count, train_count + test_count))
+    assert len(split.train) + len(split.val) == train_count and not set(split.val) & set(split.test)
+    only_train = load_images(spec(source, root, part="train"))
+    assert only_train.official_test is None and len(only_train.y) == train_count
