@@ -274,7 +274,7 @@ class ModelSpec(Section):
     spatial_dropout: float = Field(0.0, ge=0, lt=1)  # drops whole channels after every conv block
     dropconnect: float = Field(0.0, ge=0, lt=1)  # drops individual weights of the head (Wan et al. 2013)
     zero_init_residual: bool = True  # last norm of each residual branch starts at 0 (Goyal et al.)
-    weights: Path | None = None  # start from these weights (.safetensors, or .pt/.pth read with weights_only=True)
+    weights: Path | None = None  # start from these weights (.safetensors, .pt/.pth read with weights_only=True, or a run folder)
 
     @field_validator("widths")
     @classmethod
@@ -442,6 +442,36 @@ class MonitorSpec(Section):
     _tensorboard_switch = field_validator("tensorboard", mode="before")(lambda v: yaml_switch(v))
 
 
+class TransferRule(Section):
+    """One Caffe-style rule for the parameters (and stages) whose name matches `match`; the first rule
+    that matches a parameter decides for it."""
+
+    match: str  # regular expression, fully matching a parameter name (stem.0.weight) or its stage (blocks.1)
+    lr_mult: float = Field(1.0, ge=0)  # × the learning rate; 0 freezes (left out of the optimiser)
+    decay_mult: float = Field(1.0, ge=0)  # × optim.weight_decay (which stays off biases and norms)
+    stop_grad: bool = False  # detach the activation entering the matched stage: nothing below gets a gradient
+    freeze_bn: bool = False  # batch norm of matched frozen parameters keeps its running statistics (eval mode)
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        import re
+
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc}): {pattern!r}") from None
+        return pattern
+
+
+class TransferSpec(Section):
+    """Transfer learning: per-stage learning rates, freezing and stop-gradient, and what comes with
+    the source run named in model.weights."""
+
+    rules: list[TransferRule] = []
+    preprocess: Literal["source", "refit"] = "source"  # source: the source run's fitted preprocessing
+
+
 class RunSpec(Section):
     """Where the run folder goes."""
 
@@ -463,6 +493,7 @@ class Recipe(Section):
     train: TrainSpec = TrainSpec()
     monitor: MonitorSpec = MonitorSpec()
     run: RunSpec = RunSpec()
+    transfer: TransferSpec = TransferSpec()
 
     @model_validator(mode="after")
     def _warmup_shorter_than_run(self) -> Recipe:

@@ -139,6 +139,7 @@ class RunDir:
             "preprocess.safetensors",
             "init.safetensors",
             "augment_samples.safetensors",
+            "param_groups.json",
             "stats.jsonl",
             ".lock",
         ):

@@ -39,6 +39,7 @@ from dragontrainer.optim.optimizers import create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
 from dragontrainer.optim.schedules import LrFactor, create_schedule
+from dragontrainer.optim.transfer import apply_transfer, build_transfer_groups, record_group_table, with_lr
 from dragontrainer.recipe import MonitorSpec, Recipe, RegularizeSpec
 from dragontrainer.run import RunDir, atomic_write_json
 from dragontrainer.train.callbacks import Callback, EarlyStopping, ReduceOnPlateau
@@ -50,6 +51,7 @@ from dragontrainer.train.checkpoint import (
     save_checkpoint,
 )
 from dragontrainer.train.progress import TrainProgress
+from dragontrainer.train.source import adopt_source
 from dragontrainer.train.state import EpochMeter, TrainState, capture_rng, restore_rng, seed_everything
 
 
@@ -536,6 +538,7 @@ def fit(
     configure_determinism(recipe.train.deterministic, device)
     seed_everything(recipe.seed)
     data = prepare_data(recipe, device)
+    adopt_source(recipe, data, console)  # transfer.preprocess=source: the source run's statistics and names
     save_preprocessor(run, data.preprocessor)
     channels, size, _ = data.images.image_shape
     train_images = torch.from_numpy(data.images.x[data.split.train])
@@ -547,13 +550,19 @@ def fit(
     model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
     if recipe.model.weights is not None and not resume:
         loaded = load_pretrained(model, recipe.model.weights)
-        console.print(f"weights from {recipe.model.weights}: {loaded.describe()}")
+        console.print(f"weights from {escape(str(recipe.model.weights))}: {escape(loaded.report())}")
     elif recipe.model.init == "lsuv":
         first_batch, _ = next(data.train.batches(epoch=0))
         lsuv_rescale(model, data.preprocessor.apply(first_batch))
-    groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
+    transfer_notes = apply_transfer(model, recipe.transfer)  # freeze, stop-gradient and frozen-BN hooks
+    if recipe.transfer.rules:
+        groups, group_summary = build_transfer_groups(model, recipe.optim.weight_decay, recipe.transfer)
+    else:
+        groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
     accumulate = recipe.train.accumulate_steps
     lr = effective_lr(recipe.optim, recipe.train.batch_size * accumulate)
+    if recipe.transfer.rules:
+        group_summary = record_group_table(run, console, with_lr(group_summary, lr), transfer_notes)
     optimizer = create_optimizer(groups, recipe.optim, lr)
     steps_per_epoch = math.ceil(len(data.train) / accumulate)  # optimiser steps
     lr_factor = create_schedule(
