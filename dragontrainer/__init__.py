@@ -4,6 +4,7 @@ from dragontrainer.api import doctor, evaluate_run, load_run, predict, report, r
 from dragontrainer.compare import compare
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.recipe import Recipe
+from dragontrainer.study.finetune import finetune
 from dragontrainer.train.loop import TrainResult
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "compare",
     "doctor",
     "evaluate_run",
+    "finetune",
     "load_run",
     "predict",
     "report",

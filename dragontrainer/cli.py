@@ -99,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN")
     p.add_argument("--json", action="store_true", help="print the findings as one JSON line")
 
+    p = command(
+        "finetune", cmd_finetune,
+        "transfer learning: dragon finetune SOURCE [recipe.yaml] [key=value ...] [--strategy auto|linear|top|full]",
+    )  # fmt: skip
+    p.add_argument("source", metavar="SOURCE", help="a run folder or a weights file (.safetensors, .pt, .pth)")
+    p.add_argument("items", nargs="*", metavar="recipe.yaml | key=value")
+    p.add_argument("--strategy", default="auto", choices=["auto", "linear", "top", "full"])
+    p.add_argument("--out", help="study folder (default finetune/<source>-<strategy>); the same command resumes")
+    p.add_argument("--json", action="store_true", help="print summary.json as one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = command("components", cmd_components, "list every registered component by kind")
     p.add_argument("--json", action="store_true")
     p.add_argument("--markdown", action="store_true", help="the README catalogue section")
@@ -250,6 +261,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         print_table(rows, Console())
         print(f"comparison folder {out} (index.html, curves.png, summary.csv)")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dragontrainer.study.finetune import finetune, print_finetune
+
+    path, overrides = split_items(args.items)
+    result = finetune(
+        args.source, path, overrides, strategy=args.strategy, out=args.out, progress=not args.quiet,
+        console=Console(stderr=True, quiet=args.quiet),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print_finetune(result, Console())
     return 0
 
 

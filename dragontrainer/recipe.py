@@ -274,7 +274,7 @@ class ModelSpec(Section):
     spatial_dropout: float = Field(0.0, ge=0, lt=1)  # drops whole channels after every conv block
     dropconnect: float = Field(0.0, ge=0, lt=1)  # drops individual weights of the head (Wan et al. 2013)
     zero_init_residual: bool = True  # last norm of each residual branch starts at 0 (Goyal et al.)
-    weights: Path | None = None  # start from these weights (.safetensors, .pt/.pth read with weights_only=True, or a run folder)
+    weights: Path | None = None  # .safetensors, .pt/.pth (read with weights_only=True), or a run folder
 
     @field_validator("widths")
     @classmethod
@@ -470,6 +470,7 @@ class TransferSpec(Section):
 
     rules: list[TransferRule] = []
     preprocess: Literal["source", "refit"] = "source"  # source: the source run's fitted preprocessing
+    source: Path | None = None  # the run preprocessing and class names come from; None: model.weights if a run
 
 
 class RunSpec(Section):

@@ -121,9 +121,9 @@ def strip_wrapper_prefix(tensors: dict[str, torch.Tensor], state: dict[str, Any]
 def adapt_input_channels(name: str, tensor: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     """A first conv saved for RGB loaded into a gray model: the kernels summed over the colour channels
     (a gray image is R = G = B, so the response is unchanged)."""
-    if tensor.ndim == 4 and target.ndim == 4 and tensor.shape[1] == 3 and target.shape[1] == 1:
-        if tensor.shape[0] == target.shape[0] and tensor.shape[2:] == target.shape[2:]:
-            return tensor.sum(dim=1, keepdim=True)
+    rgb_to_gray = tensor.ndim == 4 and target.ndim == 4 and tensor.shape[1] == 3 and target.shape[1] == 1
+    if rgb_to_gray and tensor.shape[0] == target.shape[0] and tensor.shape[2:] == target.shape[2:]:
+        return tensor.sum(dim=1, keepdim=True)
     return None
 
 

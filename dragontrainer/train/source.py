@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 
 def source_run(recipe: Recipe) -> RunDir | None:
-    """The run folder `model.weights` names, or None for a weights file (or no weights)."""
+    """`transfer.source`, else the run folder `model.weights` names; None for a weights file (or none)."""
+    if recipe.transfer.source is not None:
+        return RunDir.open(recipe.transfer.source)
     weights = recipe.model.weights
     if weights is None or not Path(weights).is_dir():
         return None
