@@ -52,6 +52,10 @@ class DataSpec(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)  # stratified validation split
     test_fraction: float = Field(0.0, ge=0, lt=1)  # optional held-out test split, scored at the end
     split_seed: int = 0  # the split stays fixed when only `seed` changes
+    # class imbalance: none | oversample | undersample | class_weights (loss weighted N / (C · count_c)) |
+    # two_stage (class-balanced draws, then from two_stage_switch × epochs the natural order, only the head learning)
+    balance: Literal["none", "oversample", "undersample", "class_weights", "two_stage"] = "none"
+    two_stage_switch: float = Field(0.75, gt=0, lt=1)  # two_stage: fraction of train.epochs before the switch
 
     @field_validator("source")
     @classmethod
@@ -250,6 +254,9 @@ class AugmentSpec(Section):
     mixup: MixSpec = MixSpec()
     cutmix: MixSpec = MixSpec(alpha=1.0)
     tta_flip: bool = False  # evaluation averages the softmax of each image and its mirror image
+    # rare classes (fewer than half the largest class's training images): this probability of an extra
+    # random resized crop (resized_crop's scale and ratio) on top of the other augmentation
+    rare_class_boost: float = Field(0.0, ge=0, le=1)
 
 
 # ---------------------------------------------------------------------------------------- model

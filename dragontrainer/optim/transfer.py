@@ -180,6 +180,12 @@ def record_group_table(run: Any, console: Console, rows: list[GroupRow], notes: 
     return [f"{len(rows)} groups in param_groups.json, {trained:,} of {sum(r.parameters for r in rows):,} params train"]
 
 
+def with_head_group(spec: TransferSpec) -> TransferSpec:
+    """The rules plus a last one that puts the head's parameters in groups of their own (two-stage
+    training lowers every other group's learning rate to 0 at its switch)."""
+    return spec.model_copy(update={"rules": [*spec.rules, TransferRule(match="head")]})
+
+
 def depth_multipliers(stages: list[str], lowest: float = 0.1) -> list[TransferRule]:
     """`full` fine-tuning: lr_mult geometric in depth, 1 at the head down to `lowest` at the stem."""
     n = len(stages)
