@@ -192,7 +192,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{metrics['data']}: accuracy {metrics['accuracy']:.2%}, loss {metrics['loss']:.4f} "
             f"on {metrics['images']} images"
         )
+        print_per_class(metrics)
     return 0
+
+
+def print_per_class(metrics: dict[str, Any]) -> None:
+    """Balanced accuracy, macro F1 and the per-class table of `dragon eval`."""
+    print(f"balanced accuracy {metrics['balanced_accuracy']:.2%}, macro F1 {metrics['macro_f1']:.3f}")
+    table = Table("class", "support", "precision", "recall", "F1")
+    for row in metrics["per_class"]:
+        cells = ["—" if row[k] is None else f"{row[k]:.3f}" for k in ("precision", "recall", "f1")]
+        table.add_row(escape(str(row["class"])), str(row["support"]), *cells)
+    Console().print(table)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -525,14 +525,17 @@ def class_imbalance(run: RunRecords) -> Finding | None:
         known = [(a, i) for i, a in enumerate(per_class) if a is not None]
         accuracy, index = min(known)
         worst = f"; the worst validation accuracy is {pct(accuracy)} on class {classes[index]!s}"
-    balanced = run.recipe.train.class_weights != "none"
+    balanced = run.recipe.train.class_weights != "none" or run.recipe.data.balance != "none"
     return Finding(
         "class_imbalance",
         "info" if balanced else "warning",
         f"class imbalance: {max(present)} training images in the largest class, {min(present)} in the smallest "
         f"({classes[small]!s}){worst}",
-        "the loss is already weighted per class" if balanced else
-        "weight the loss per class (train.class_weights=balanced) and judge by per-class accuracy",
+        f"already balanced (data.balance={run.recipe.data.balance}, train.class_weights="
+        f"{run.recipe.train.class_weights}); judge by balanced accuracy and per-class recall" if balanced else
+        "balance the classes (data.balance=oversample, undersample, class_weights or two_stage; "
+        "augment.rare_class_boost=0.5 for extra crops of rare classes) and judge by balanced accuracy and "
+        "per-class recall (result.json, dragon eval)",
         {"counts": counts, "per_class_accuracy": per_class},
     )  # fmt: skip
 
