@@ -72,3 +72,21 @@ def test_cli_auto_prints_its_reasoning(tmp_path: Path, source: Path, capsys: pyt
     assert code == 0 and summary["strategy"] == "linear"  # 16 training images per class: small
     assert "small" in summary["reasoning"][0] and "random network" in summary["reasoning"][1]
     assert main(["finetune", str(tmp_path / "nothing"), "--quiet"]) == 2
+
+
+def test_a_torchvision_layout_weights_file_is_a_source(tmp_path: Path) -> None:
+    import torch
+
+    from dragontrainer.nn.models import create_model
+    from dragontrainer.recipe import ModelSpec
+
+    model = ["model.name=resnet18", "model.widths=[4,8,8,8]"]
+    source = create_model(ModelSpec(name="resnet18", widths=[4, 8, 8, 8]), in_channels=3, num_classes=10, image_size=8)
+    weights = tmp_path / "resnet18-tiny.pth"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, weights)
+    overrides = [*model, *target(tmp_path), "monitor.enabled=false", "train.epochs=1", "schedule.warmup_epochs=0"]
+    result = finetune(weights, None, overrides, strategy="full", out=tmp_path / "rn")
+    assert [s.name for s in result.stages] == ["linear", "full"]
+    assert {p["features"] for p in result.probes} == {"blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"}
+    groups = json.loads((tmp_path / "rn" / "stages" / "full" / "param_groups.json").read_text())["groups"]
+    assert {g["pattern"]: g["lr_mult"] for g in groups}["stem"] == pytest.approx(0.1)
