@@ -8,6 +8,7 @@ from dragontrainer.monitor.lr_finder import lr_find
 from dragontrainer.nn.models import register_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.study.ensemble import ensemble
+from dragontrainer.study.finetune import finetune
 from dragontrainer.train.loop import TrainResult
 from dragontrainer.version import __version__
 
@@ -24,6 +25,7 @@ __all__ = [
     "ensemble",
     "evaluate_run",
     "export_run",
+    "finetune",
     "load_export",
     "load_run",
     "lr_find",

@@ -29,6 +29,7 @@ from dragontrainer.run import RunDir
 from dragontrainer.run_files import DataInfo, read_json, read_tensors
 from dragontrainer.train.callbacks import Callback
 from dragontrainer.train.checkpoint import checkpoint_folder, load_model_weights
+from dragontrainer.train.class_metrics import per_class_metrics
 from dragontrainer.train.loop import (
     TrainingDiverged,
     TrainingInterrupted,
@@ -203,8 +204,10 @@ def evaluate_run(
         prepared = prepare_data(loaded.recipe, loaded.device)
         loader, split = (prepared.test, "test") if prepared.test is not None else (prepared.val, "val")
         metrics = evaluate(
-            loaded.model, loader, criterion, loaded.preprocessor, tta_flip=loaded.recipe.augment.tta_flip
-        )
+            loaded.model, loader, criterion, loaded.preprocessor, tta_flip=loaded.recipe.augment.tta_flip,
+            num_classes=len(loaded.classes),
+        )  # fmt: skip
+        metrics["per_class"] = per_class_metrics(torch.tensor(metrics.pop("confusion")), loaded.classes)
         return {"run_dir": str(loaded.run.path), "data": split, "images": loader.num_images, **metrics}
     path = Path(data)
     channels, size, _ = loaded.image_shape
@@ -218,7 +221,11 @@ def evaluate_run(
     x = torch.from_numpy(images.x).to(loaded.device)
     y = torch.from_numpy(images.y).to(loaded.device)
     loader = DeviceLoader(x, y, loaded.recipe.train.eval_batch_size, shuffle=False)
-    metrics = evaluate(loaded.model, loader, criterion, loaded.preprocessor, tta_flip=loaded.recipe.augment.tta_flip)
+    metrics = evaluate(
+        loaded.model, loader, criterion, loaded.preprocessor, tta_flip=loaded.recipe.augment.tta_flip,
+        num_classes=len(loaded.classes),
+    )  # fmt: skip
+    metrics["per_class"] = per_class_metrics(torch.tensor(metrics.pop("confusion")), loaded.classes)
     return {"run_dir": str(loaded.run.path), "data": str(path), "images": len(images.y), **metrics}
 
 

@@ -203,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print ensemble.json's summary as one JSON line")
     p.add_argument("--quiet", action="store_true")
 
+    p = command(
+        "finetune", cmd_finetune,
+        "transfer learning: dragon finetune SOURCE [recipe.yaml] [key=value ...] [--strategy auto|linear|top|full]",
+    )  # fmt: skip
+    p.add_argument("source", metavar="SOURCE", help="a run folder or a weights file (.safetensors, .pt, .pth)")
+    p.add_argument("items", nargs="*", metavar="recipe.yaml | key=value")
+    p.add_argument("--strategy", default="auto", choices=["auto", "linear", "top", "full"])
+    p.add_argument("--out", help="study folder (default finetune/<source>-<strategy>); the same command resumes")
+    p.add_argument("--json", action="store_true", help="print summary.json as one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = command("components", cmd_components, "list every registered component by kind, one line each")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", action="store_true", help="the full description of each component")
@@ -293,7 +304,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{metrics['data']}: accuracy {metrics['accuracy']:.2%}, loss {metrics['loss']:.4f} "
             f"on {metrics['images']} images"
         )
+        print_per_class(metrics)
     return 0
+
+
+def print_per_class(metrics: dict[str, Any]) -> None:
+    """Balanced accuracy, macro F1 and the per-class table of `dragon eval`."""
+    print(f"balanced accuracy {metrics['balanced_accuracy']:.2%}, macro F1 {metrics['macro_f1']:.3f}")
+    table = Table("class", "support", "precision", "recall", "F1")
+    for row in metrics["per_class"]:
+        cells = ["—" if row[k] is None else f"{row[k]:.3f}" for k in ("precision", "recall", "f1")]
+        table.add_row(escape(str(row["class"])), str(row["support"]), *cells)
+    Console().print(table)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -452,6 +474,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         settings = SearchSettings(**json.loads((result.out / "search.json").read_text(encoding="utf-8")))
         print_summary(result, settings, Console(highlight=False))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dragontrainer.study.finetune import finetune, print_finetune
+
+    path, overrides = split_items(args.items)
+    result = finetune(
+        args.source, path, overrides, strategy=args.strategy, out=args.out, progress=not args.quiet,
+        console=Console(stderr=True, quiet=args.quiet),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print_finetune(result, Console())
     return 0
 
 

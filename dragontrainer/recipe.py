@@ -58,6 +58,10 @@ class DataSpec(Section):
     split_seed: int = Field(0, ge=0, le=MAX_SEED)  # the split stays fixed when only `seed` changes
     folds: int = Field(1, ge=1, le=100)  # >1: K stratified folds of the non-test images (val_fraction unused)
     fold: int = Field(0, ge=0)  # with folds: which fold is the validation set (0 .. folds-1)
+    # class imbalance: none | oversample | undersample | class_weights (loss weighted N / (C · count_c)) |
+    # two_stage (class-balanced draws, then from two_stage_switch × epochs the natural order, only the head learning)
+    balance: Literal["none", "oversample", "undersample", "class_weights", "two_stage"] = "none"
+    two_stage_switch: float = Field(0.75, gt=0, lt=1)  # two_stage: fraction of train.epochs before the switch
 
     @field_validator("source")
     @classmethod
@@ -262,6 +266,9 @@ class AugmentSpec(Section):
     mixup: MixSpec = MixSpec()
     cutmix: MixSpec = MixSpec(alpha=1.0)
     tta_flip: bool = False  # evaluation averages the softmax of each image and its mirror image
+    # rare classes (fewer than half the largest class's training images): this probability of an extra
+    # random resized crop (resized_crop's scale and ratio) on top of the other augmentation
+    rare_class_boost: float = Field(0.0, ge=0, le=1)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -286,7 +293,7 @@ class ModelSpec(Section):
     spatial_dropout: float = Field(0.0, ge=0, lt=1)  # drops whole channels after every conv block
     dropconnect: float = Field(0.0, ge=0, lt=1)  # drops individual weights of the head (Wan et al. 2013)
     zero_init_residual: bool = True  # last norm of each residual branch starts at 0 (Goyal et al.)
-    weights: Path | None = None  # start from these weights (.safetensors, or .pt/.pth read with weights_only=True)
+    weights: Path | None = None  # .safetensors, .pt/.pth (read with weights_only=True), or a run folder
 
     @field_validator("widths")
     @classmethod
@@ -513,6 +520,37 @@ class MonitorSpec(Section):
     _mlflow_switch = field_validator("mlflow", mode="before")(lambda v: yaml_switch(v))
 
 
+class TransferRule(Section):
+    """One Caffe-style rule for the parameters (and stages) whose name matches `match`; the first rule
+    that matches a parameter decides for it."""
+
+    match: str  # regular expression, fully matching a parameter name (stem.0.weight) or its stage (blocks.1)
+    lr_mult: float = Field(1.0, ge=0)  # × the learning rate; 0 freezes (left out of the optimiser)
+    decay_mult: float = Field(1.0, ge=0)  # × optim.weight_decay (which stays off biases and norms)
+    stop_grad: bool = False  # detach the activation entering the matched stage: nothing below gets a gradient
+    freeze_bn: bool = False  # batch norm of matched frozen parameters keeps its running statistics (eval mode)
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        import re
+
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc}): {pattern!r}") from None
+        return pattern
+
+
+class TransferSpec(Section):
+    """Transfer learning: per-stage learning rates, freezing and stop-gradient, and what comes with
+    the source run named in model.weights."""
+
+    rules: list[TransferRule] = []
+    preprocess: Literal["source", "refit"] = "source"  # source: the source run's fitted preprocessing
+    source: Path | None = None  # the run preprocessing and class names come from; None: model.weights if a run
+
+
 class RunSpec(Section):
     """Where the run folder goes."""
 
@@ -535,6 +573,7 @@ class Recipe(Section):
     train: TrainSpec = TrainSpec()
     monitor: MonitorSpec = MonitorSpec()
     run: RunSpec = RunSpec()
+    transfer: TransferSpec = TransferSpec()
 
     @model_validator(mode="after")
     def _warmup_shorter_than_run(self) -> Recipe:

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
+from dragontrainer.data.sampler import epoch_order, epoch_size
+
 
 class DeviceLoader:
     """Slices batches out of tensors already on the device; no DataLoader, no per-sample Python.
@@ -14,14 +16,20 @@ class DeviceLoader:
     no saved state: a resumed run replays the same order and can start mid-epoch at `start_step`.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0) -> None:
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0,
+        balance: str = "none", switch_epoch: int | None = None,
+    ) -> None:  # fmt: skip
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.balance, self.switch_epoch = balance, switch_epoch  # data.balance: see data/sampler.py
+        self.labels = y.cpu()
+        self.epoch_images = epoch_size(self.labels, balance) if shuffle else len(x)
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.x), self.batch_size)
+        full, rest = divmod(self.epoch_images, self.batch_size)
         if self.shuffle:
             # a lone last training sample would make batch norm fail on a batch of one: it waits
             # for the next epoch's permutation instead
@@ -35,13 +43,13 @@ class DeviceLoader:
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(len(self.x), device=self.x.device)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.x), generator=generator).to(self.x.device)
+        order = epoch_order(self.labels, epoch, self.seed, self.balance, switch_epoch=self.switch_epoch)
+        return order.to(self.x.device)
 
     def batches(self, epoch: int = 0, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order(epoch) if self.shuffle else None
         for step in range(start_step, len(self)):
-            lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, len(self.x))
+            lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, self.epoch_images)
             if order is None:
                 yield self.x[lo:hi], self.y[lo:hi]
             else:

@@ -44,6 +44,10 @@ class Network(nn.Module):
         named["head"] = self.head
         return named
 
+    def stage_prefixes(self) -> dict[str, list[str]]:
+        """Stage name -> the module names it is made of (here each stage is one module of that name)."""
+        return {name: [name] for name in self.stages()}
+
 
 NORMS_WITHOUT_SHIFT = ("none", "weight")  # layers followed by these keep their bias
 
@@ -232,8 +236,13 @@ def create_model(spec: ModelSpec, *, in_channels: int, num_classes: int, image_s
         for module in model.modules():
             if isinstance(module, BasicBlock):
                 module.zero_init_last_norm()
+        if hasattr(model, "zero_init_residual"):  # torchvision-layout ResNets (nn/resnets.py)
+            model.zero_init_residual()
     return model.to(memory_format=getattr(model, "memory_format", torch.contiguous_format))
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+from dragontrainer.nn import resnets  # noqa: E402, F401  (registers resnet18/34/50 in MODELS)

@@ -6,7 +6,7 @@ keep their initialisation, and the user is told which."""
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,37 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 @dataclass(frozen=True)
 class LoadedWeights:
+    """The key-mapping report: which tensors of the file went where."""
+
     loaded: list[str]
     skipped: list[str]  # in the model but absent from the file, or of another shape
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    mismatched: list[str] = field(default_factory=list)  # "name: file (3, 64) vs model (10, 64)"
+    renamed: str | None = None  # a prefix stripped from the file's names ("module." from DataParallel)
+    adapted: list[str] = field(default_factory=list)  # first conv: RGB kernels summed for gray input
 
     def describe(self) -> str:
         kept = f"; kept initialisation for {', '.join(self.skipped[:4])}{' …' if len(self.skipped) > 4 else ''}"
         return f"{len(self.loaded)} tensors loaded" + (kept if self.skipped else "")
+
+    def report(self) -> str:
+        """matched / missing / unexpected / shape-mismatched, with a few names of each."""
+
+        def some(names: list[str]) -> str:
+            return f" ({', '.join(names[:3])}{' …' if len(names) > 3 else ''})" if names else ""
+
+        lines = [
+            f"matched {len(self.loaded)}",
+            f"missing {len(self.missing)}{some(self.missing)}",
+            f"unexpected {len(self.unexpected)}{some(self.unexpected)}",
+            f"shape-mismatched {len(self.mismatched)}{some(self.mismatched)}",
+        ]
+        if self.renamed:
+            lines.append(f"prefix {self.renamed!r} stripped")
+        if self.adapted:
+            lines.append(f"adapted {', '.join(self.adapted)}")
+        return "; ".join(lines)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -69,17 +94,70 @@ def flatten_state(content: Any, path: Path) -> dict[str, torch.Tensor]:
     raise DataError(f"{path}: no tensors found (expected a state dict: parameter name -> tensor)")
 
 
+WRAPPER_PREFIXES = ("module.", "model.", "backbone.")  # DataParallel / Lightning / detection wrappers
+
+
+def weights_file(path: Path) -> Path:
+    """A weights file, or a run folder's best (else last) checkpoint weights."""
+    if path.is_dir():
+        for folder in ("best", "last"):
+            candidate = path / "checkpoints" / folder / "model.safetensors"
+            if candidate.is_file():
+                return candidate
+        raise DataError(f"{path}: a folder but not a run with a checkpoint (model.weights)")
+    return path
+
+
+def strip_wrapper_prefix(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Names saved from a wrapped model (`module.conv1.weight`) mapped back to the model's own."""
+    if any(k in state for k in tensors):
+        return tensors, None
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in tensors):
+            return {k.removeprefix(prefix): v for k, v in tensors.items()}, prefix
+    return tensors, None
+
+
+def adapt_input_channels(name: str, tensor: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """A first conv saved for RGB loaded into a gray model: the kernels summed over the colour channels
+    (a gray image is R = G = B, so the response is unchanged)."""
+    rgb_to_gray = tensor.ndim == 4 and target.ndim == 4 and tensor.shape[1] == 3 and target.shape[1] == 1
+    if rgb_to_gray and tensor.shape[0] == target.shape[0] and tensor.shape[2:] == target.shape[2:]:
+        return tensor.sum(dim=1, keepdim=True)
+    return None
+
+
 def load_pretrained(model: nn.Module, path: Path) -> LoadedWeights:
-    """Copy every tensor whose name and shape match into `model`; at least one must."""
-    tensors = read_weights(path)
+    """Copy every tensor whose name and shape match into `model` (at least one must); `path` may be a
+    weights file or a run folder. The returned report says what matched and what did not."""
+    source = weights_file(Path(path))
     state = model.state_dict()
-    matched = {k: v for k, v in tensors.items() if k in state and state[k].shape == v.shape}
+    tensors, renamed = strip_wrapper_prefix(read_weights(source), state)
+    matched, mismatched, adapted = {}, [], []
+    for name, tensor in tensors.items():
+        if name not in state:
+            continue
+        if state[name].shape == tensor.shape:
+            matched[name] = tensor
+        elif (converted := adapt_input_channels(name, tensor, state[name])) is not None:
+            matched[name] = converted
+            adapted.append(f"{name} (RGB summed to gray)")
+        else:
+            mismatched.append(f"{name}: file {tuple(tensor.shape)} vs model {tuple(state[name].shape)}")
     if not matched:
         raise DataError(
-            f"{path}: none of its {len(tensors)} tensors matches the model's names and shapes "
+            f"{source}: none of its {len(tensors)} tensors matches the model's names and shapes "
             f"(e.g. the model has {next(iter(state))}); was it saved from the same model.name and widths?"
         )
     with torch.no_grad():
         for name, tensor in matched.items():
             state[name].copy_(tensor)
-    return LoadedWeights(sorted(matched), sorted(set(state) - set(matched)))
+    return LoadedWeights(
+        loaded=sorted(matched),
+        skipped=sorted(set(state) - set(matched)),
+        missing=sorted(set(state) - set(tensors)),
+        unexpected=sorted(set(tensors) - set(state)),
+        mismatched=mismatched,
+        renamed=renamed,
+        adapted=adapted,
+    )

@@ -242,11 +242,36 @@ def render(run_dir: RunDir, records: RunRecords, findings: list[Finding]) -> str
 <h2>What the dragon tells you</h2><p>{escape(headline)}</p>
 {"".join(finding_block(f, shown) for f in findings)}
 <h2>Summary</h2>{summary_table(records, result)}
+{per_class_table(result)}
 {sections}
 <details id="recipe"><summary>Recipe (recipe.yaml: every knob of this run)</summary><pre>{escape(recipe_text)}</pre>
 </details>
 </body></html>
 """
+
+
+def per_class_table(result: dict[str, Any] | None) -> str:
+    """Precision, recall and F1 per class of the best weights, with the balanced accuracy: what counts
+    when the classes are imbalanced."""
+    rows = (result or {}).get("per_class")
+    if not rows:
+        return ""
+
+    def cell(value: float | None) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    body = "".join(
+        f"<tr><td>{escape(str(r['class']))}</td><td>{r['support']}</td><td>{cell(r['precision'])}</td>"
+        f"<td>{cell(r['recall'])}</td><td>{cell(r['f1'])}</td></tr>"
+        for r in rows
+    )
+    balanced = (result or {}).get("best_val_balanced_accuracy")
+    note = f"Balanced accuracy (validation, best epoch): {balanced:.2%}. " if balanced is not None else ""
+    split = escape(str(result.get("per_class_split") or "val")) if result else "val"
+    return (
+        f"<h2>Per class</h2><p>{note}The best weights on the {split} split.</p><table><tr><th>class</th>"
+        f"<th>support</th><th>precision</th><th>recall</th><th>F1</th></tr>{body}</table>"
+    )
 
 
 def write_report(path: str | Path) -> tuple[Path, list[Finding]]:

@@ -42,10 +42,18 @@ from dragontrainer.optim.optimizers import base_lr, create_optimizer, effective_
 from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
 from dragontrainer.optim.schedules import LrFactor, create_schedule
+from dragontrainer.optim.transfer import (
+    apply_transfer,
+    build_transfer_groups,
+    record_group_table,
+    with_head_group,
+    with_lr,
+)
 from dragontrainer.recipe import MonitorSpec, Recipe, RegularizeSpec
 from dragontrainer.resources import check_model_fits
 from dragontrainer.run import RunDir
 from dragontrainer.run_files import read_tensors
+from dragontrainer.train.balance import TwoStageSwitch, loss_class_weights, switch_epoch, with_rare_class_boost
 from dragontrainer.train.callbacks import Callback, EarlyStopping, ReduceOnPlateau
 from dragontrainer.train.checkpoint import (
     checkpoint_folder,
@@ -54,8 +62,10 @@ from dragontrainer.train.checkpoint import (
     load_state,
     save_checkpoint,
 )
+from dragontrainer.train.class_metrics import per_class_metrics, summary_metrics
 from dragontrainer.train.progress import TrainProgress
 from dragontrainer.train.snapshots import ensemble_callbacks
+from dragontrainer.train.source import adopt_source
 from dragontrainer.train.state import EpochMeter, TrainState, capture_rng, restore_rng, seed_everything
 
 
@@ -77,6 +87,10 @@ class TrainResult:
     test_loss: float | None = None
     test_accuracy: float | None = None
     stop_reason: str | None = None
+    best_val_balanced_accuracy: float | None = None  # mean per-class recall at the best epoch
+    # per class (precision, recall, F1, support) of the best weights on the test split, else validation
+    per_class: list[dict[str, Any]] | None = field(default=None, repr=False)
+    per_class_split: str | None = None
     findings: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the diagnosis, errors first
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -179,12 +193,19 @@ def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
     y = torch.from_numpy(images.y)
     preprocessor = create_preprocessor(recipe.preprocess).fit(x[split.train])
 
-    def loader(index: Any, batch_size: int, shuffle: bool) -> DeviceLoader:
+    def loader(index: Any, batch_size: int, shuffle: bool, balance: str = "none") -> DeviceLoader:
         # uint8 on the device (4× smaller than float); each batch is augmented, then preprocessed
         index = torch.from_numpy(index)
-        return DeviceLoader(x[index].to(device), y[index].to(device), batch_size, shuffle=shuffle, seed=recipe.seed)
+        return DeviceLoader(
+            x[index].to(device), y[index].to(device), batch_size, shuffle=shuffle, seed=recipe.seed,
+            balance=balance, switch_epoch=switch_epoch(recipe.data, recipe.train.epochs),
+        )  # fmt: skip
 
-    train = loader(split.train, recipe.train.batch_size, shuffle=recipe.train.shuffle)
+    if recipe.data.balance in ("oversample", "undersample", "two_stage") and not recipe.train.shuffle:
+        raise RecipeError(
+            f"recipe field data.balance: {recipe.data.balance} samples the epoch; it needs train.shuffle=true"
+        )
+    train = loader(split.train, recipe.train.batch_size, shuffle=recipe.train.shuffle, balance=recipe.data.balance)
     val = loader(split.val, recipe.train.eval_batch_size, shuffle=False)
     test = loader(split.test, recipe.train.eval_batch_size, shuffle=False) if len(split.test) else None
     if len(train) == 0:
@@ -206,15 +227,15 @@ def evaluate(
     tta_flip: bool = False,
     num_classes: int | None = None,
 ) -> dict[str, Any]:
-    """Mean loss and accuracy over a whole split of uint8 images, in eval mode (batch norm uses
-    running statistics); with `tta_flip`, the softmax is averaged with the mirror image's.
-    With `num_classes`, also the confusion matrix (`confusion[true][predicted]`)."""
+    """Mean loss, accuracy, balanced accuracy and macro F1 over a whole split of uint8 images, in eval
+    mode (batch norm uses running statistics); with `tta_flip`, the softmax is averaged with the mirror
+    image's. With `num_classes`, also the confusion matrix (`confusion[true][predicted]`)."""
     was_training = model.training
     model.eval()
     device = loader.x.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device) if num_classes else None
+    confusion = None
     for x, y in loader.batches():
         inputs = preprocessor.apply(x)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -222,13 +243,15 @@ def evaluate(
         loss_sum += criterion(logits.float(), y).double() * len(y)
         predictions = logits.argmax(1)
         correct += (predictions == y).sum()
-        if confusion is not None:
-            confusion += confusion_matrix(y, predictions, confusion.shape[0])
+        batch_confusion = confusion_matrix(y, predictions, num_classes or logits.shape[1])
+        confusion = batch_confusion if confusion is None else confusion + batch_confusion
     model.train(was_training)
     count = max(loader.num_images, 1)
     result: dict[str, Any] = {"loss": float(loss_sum) / count, "accuracy": int(correct) / count}
     if confusion is not None:
-        result["confusion"] = confusion.tolist()
+        result.update(summary_metrics(confusion))
+        if num_classes:
+            result["confusion"] = confusion.tolist()
     return result
 
 
@@ -449,7 +472,7 @@ class Loop:
         )  # fmt: skip
 
     def current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return max(group["lr"] for group in self.optimizer.param_groups)  # groups may run at lr_mult or 0
 
     def end_epoch(self, state: TrainState, meter: EpochMeter, stopper: EarlyStopping) -> dict[str, Any]:
         """Evaluate, log both splits, let callbacks decide, write `best` and `last`."""
@@ -562,12 +585,17 @@ def fit(
     configure_determinism(recipe.train.deterministic, device)
     seed_everything(recipe.seed)
     data = prepare_data(recipe, device)
+    adopt_source(recipe, data, console)  # transfer.preprocess=source: the source run's statistics and names
     save_preprocessor(run, data.preprocessor)
     channels, size, _ = data.images.image_shape
     train_images = torch.from_numpy(data.images.x[data.split.train])
     augment = create_augmenter(
         recipe.augment, data.images.image_shape, data.images.flip_safe, train_images, data.num_classes
     )
+    augment = with_rare_class_boost(
+        augment, recipe.augment, data.images.image_shape, data.images.flip_safe, train_images,
+        torch.from_numpy(data.images.y[data.split.train]), data.num_classes,
+    )  # fmt: skip
     if recipe.monitor.report and not resume:
         save_augmented_samples(run, data, augment, recipe.seed)
     check_model_fits(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size,
@@ -575,7 +603,7 @@ def fit(
     model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
     if recipe.model.weights is not None and not resume:
         loaded = load_pretrained(model, recipe.model.weights)
-        console.print(f"weights from {text(recipe.model.weights)}: {text(loaded.describe())}")
+        console.print(f"weights from {text(recipe.model.weights)}: {text(loaded.report())}")
     elif recipe.model.init == "lsuv":
         first_batch, _ = next(data.train.batches(epoch=0))
         lsuv_rescale(model, data.preprocessor.apply(first_batch))
@@ -583,15 +611,22 @@ def fit(
         from dragontrainer.monitor.lr_finder import resolve_found_lr
 
         recipe = resolve_found_lr(recipe, run, model, data, augment, console, resume=resume)
-    groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
+    transfer_notes = apply_transfer(model, recipe.transfer)  # freeze, stop-gradient and frozen-BN hooks
+    group_rules = with_head_group(recipe.transfer) if recipe.data.balance == "two_stage" else recipe.transfer
+    if group_rules.rules:
+        groups, group_summary = build_transfer_groups(model, recipe.optim.weight_decay, group_rules)
+    else:
+        groups, group_summary = build_param_groups(model, recipe.optim.weight_decay)
     accumulate = recipe.train.accumulate_steps
     lr = effective_lr(recipe.optim, recipe.train.batch_size * accumulate)
+    if group_rules.rules:
+        group_summary = record_group_table(run, console, with_lr(group_summary, lr), transfer_notes)
     optimizer = create_optimizer(groups, recipe.optim, lr)
     steps_per_epoch = math.ceil(len(data.train) / accumulate)  # optimiser steps
     lr_factor = create_schedule(
         recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * recipe.train.epochs
     )
-    weights = class_weights(recipe.train.class_weights, data.images.y[data.split.train], data.num_classes)
+    weights = class_weights(loss_class_weights(recipe), data.images.y[data.split.train], data.num_classes)
     # data.json is what eval/predict need without reloading the data, the loss weights included
     run.write_json("data.json", {**data.info(), "class_weights": None if weights is None else weights.tolist()})
     criterion = nn.CrossEntropyLoss(
@@ -604,6 +639,8 @@ def fit(
     if tracker is not None:
         callbacks = [*callbacks, tracker]
     callbacks = [*callbacks, *ensemble_callbacks(recipe, model, run.checkpoints, data, steps_per_epoch)]
+    if (switch := switch_epoch(recipe.data, recipe.train.epochs)) is not None:
+        callbacks = [TwoStageSwitch(optimizer, model, switch, console), *callbacks]
     monitor = create_monitor(recipe, run, model, data, criterion, steps_per_epoch, resume=resume)
     loop = Loop(
         run, model, optimizer, lr_factor, criterion, augment,
@@ -684,10 +721,16 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
     val = [r for r in history if r["split"] == "val"]
     best = next((r for r in val if r["epoch"] == state.best_epoch), val[-1])
     test = None
-    scored = recipe.train.score_test and loop.data.test is not None  # search trials never look at test
-    if scored and checkpoint_folder(loop.run.checkpoints / "best") is not None:
+    if checkpoint_folder(loop.run.checkpoints / "best") is not None:
         load_model_weights(loop.run.checkpoints / "best", loop.model)
-        test = loop.evaluate(loop.data.test)
+    use_test = recipe.train.score_test and loop.data.test is not None  # search trials never look at test
+    confusion = loop.data.num_classes <= MAX_CONFUSION_CLASSES
+    scored = loop.evaluate(loop.data.test if use_test else loop.data.val, confusion=confusion)  # best weights
+    if use_test:
+        test = scored
+    per_class = None
+    if confusion:
+        per_class = per_class_metrics(torch.tensor(scored.pop("confusion")), loop.data.images.classes)
     result = TrainResult(
         run_dir=loop.run.path,
         epochs=state.epoch,
@@ -704,6 +747,9 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         test_accuracy=test["accuracy"] if test else None,
         # a stop requested at the last epoch stopped nothing: the run completed, so no message
         stop_reason=state.stop_reason if state.epoch < recipe.train.epochs else None,
+        best_val_balanced_accuracy=best.get("balanced_accuracy"),
+        per_class=per_class,
+        per_class_split="test" if test else "val",
         history=history,
     )
     loop.run.write_json("result.json", result.summary())

@@ -178,12 +178,15 @@ def class_imbalance(run: RunRecords) -> Finding | None:
     if per_class:
         accuracy, index = min((a, i) for i, a in enumerate(per_class) if a is not None)
         worst = f"; the worst validation accuracy is {pct(accuracy)} on class {classes[index]!s}"
-    balanced = run.recipe.train.class_weights != "none"
+    balanced = run.recipe.train.class_weights != "none" or run.recipe.data.balance != "none"
     return Finding(
         "class_imbalance", "info" if balanced else "warning",
         f"class imbalance: {max(present)} training images in the largest class, {min(present)} in the smallest "
         f"({classes[small]!s}){worst}",
-        [] if balanced else ["train.class_weights=balanced"],
-        "the loss is weighted per class already" if balanced else "and judge by per-class accuracy",
+        [] if balanced else ["data.balance=oversample"],
+        f"already balanced (data.balance={run.recipe.data.balance}, train.class_weights="
+        f"{run.recipe.train.class_weights}); judge by balanced accuracy and per-class recall" if balanced else
+        "(or data.balance=class_weights, undersample, two_stage; augment.rare_class_boost=0.5 for extra crops of "
+        "rare classes) and judge by balanced accuracy and per-class recall (result.json, dragon eval)",
         {"counts": counts, "per_class_accuracy": per_class}, plot="confusion", strong=True,
     )  # fmt: skip
