@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -344,7 +344,7 @@ class OptimSpec(Section):
     """Optimiser and its hyperparameters; `lr` is per `reference_batch_size` images."""
 
     name: str = "sgd"  # sgd | adagrad | rmsprop | adam | amsgrad | adamw | nadam | radam | adabelief | diffgrad
-    lr: float | Literal["auto", "find"] = "auto"  # auto: the optimiser family's
+    lr: Annotated[float, Field(gt=0, le=100)] | Literal["auto", "find"] = "auto"  # auto: the optimiser family's
     # usual rate (see optim.optimizers.AUTO_LR); find: an LR range test picks it before training (dragon lr-find)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True

@@ -12,6 +12,7 @@ sampled on a log scale unless `log: false` is given (the reference texts: "searc
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -150,7 +151,13 @@ def field_rules(key: str) -> list[Any]:
     *parents, leaf = key.split(".")
     for part in parents:
         section = section.model_fields[part].annotation  # type: ignore[assignment]
-    return list(section.model_fields[leaf].metadata)
+    field = section.model_fields[leaf]
+    rules = list(field.metadata)
+    for member in typing.get_args(field.annotation):  # `Annotated[float, Field(...)] | Literal[...]`
+        if typing.get_origin(member) is typing.Annotated:
+            for extra in typing.get_args(member)[1:]:
+                rules += getattr(extra, "metadata", [extra])
+    return rules
 
 
 def open_limits(key: str) -> tuple[bool, bool]:

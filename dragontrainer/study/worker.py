@@ -173,8 +173,13 @@ class Worker:
         for record in records:
             if record.state != "RUNNING" or not self.started_here(record):
                 continue
-            if trial_lock.enter_context(file_lock(self.lock_path(stage, record.number), wait=False)) is not None:
+            candidate = contextlib.ExitStack()
+            if candidate.enter_context(file_lock(self.lock_path(stage, record.number), wait=False)) is None:
+                continue  # its worker is alive
+            if self.still_running(study, space, record.number):  # read again under its lock: it may have ended
+                trial_lock.enter_context(candidate.pop_all())
                 return study.adopt(record.number, space)  # its process died: continue it
+            candidate.close()
         if len(records) >= self.settings.trials:
             return None
         trial = study.ask(space)
@@ -185,6 +190,9 @@ class Worker:
         trial_lock.enter_context(file_lock(self.lock_path(stage, trial.number), wait=True))
         self.mark(trial, stage)
         return trial
+
+    def still_running(self, study: Study, space: list[Param], number: int) -> bool:
+        return any(r.number == number and r.state == "RUNNING" for r in study.trials(space))
 
     def started_here(self, record: TrialRecord) -> bool:
         if self.local_storage:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from dragontrainer import Recipe, train
-from dragontrainer.optim.schedules import create_schedule
+from dragontrainer.optim.schedules import create_schedule, warmup_epochs
 from dragontrainer.train.snapshots import cycle_end_steps, snapshot_files
 from tests.conftest import TINY
 
@@ -20,7 +20,7 @@ def test_cycle_ends_are_where_the_schedule_restarts() -> None:
         factor = create_schedule(spec, steps_per_epoch=7, total_steps=140)
         ends = cycle_end_steps(spec, 7, 140)
         assert ends
-        previous = round(spec.warmup_epochs * 7)
+        previous = round(warmup_epochs(spec, 20) * 7)
         for end in ends:  # each cycle reaches the top and ends at its low, the last step before a snapshot
             assert max(factor(step) for step in range(previous, end)) > 0.9
             assert min(factor(end - 1), factor(end)) < 0.2
