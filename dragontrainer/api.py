@@ -237,32 +237,57 @@ class Prediction:
     top: list[tuple[str, float]]
 
 
+def image_files(items: Sequence[str | Path]) -> list[Path]:
+    """Files to predict: image files, folders (searched recursively, image suffixes only) and globs."""
+    import glob
+
+    from dragontrainer.data.sources import IMAGE_SUFFIXES
+
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        elif glob.has_magic(str(item)):
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True) if Path(m).is_file())
+            if not matches:
+                raise DataError(f"{item}: the pattern matches no file")
+            found += matches
+        else:
+            raise DataError(f"{path}: no such image file or folder")
+    if not found:
+        raise DataError(
+            f"{', '.join(map(str, items))}: no image files found (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return found
+
+
 def predict(run_dir: str | Path, files: Sequence[str | Path], *, top_k: int = 3) -> list[Prediction]:
-    """Class and probability for each image file, with the run's own preprocessing."""
+    """Class and probability for each image (files, folders, globs), with the run's own preprocessing."""
     from dragontrainer.study.ensemble import is_ensemble, predict_ensemble
 
+    paths = image_files(files)
     if is_ensemble(run_dir):  # an ensemble folder predicts like a run
-        return predict_ensemble(run_dir, files, top_k=top_k)
+        return predict_ensemble(run_dir, paths, top_k=top_k)
     loaded = load_run(run_dir)
     channels, size, _ = loaded.image_shape
     spec = loaded.recipe.data.model_copy(update={"image_size": size})
-    arrays = []
-    for file in files:
-        path = Path(file)
-        if not path.is_file():
-            raise DataError(f"{path}: no such image file")
-        arrays.append(decode_image(path, spec)[0])
-    rgb = np.stack(arrays).transpose(0, 3, 1, 2)
-    x = torch.from_numpy(np.ascontiguousarray(convert_color(rgb, "gray" if channels == 1 else "rgb")))
-    x = x.to(loaded.device)
-    with torch.inference_mode():
-        inputs = loaded.preprocessor.apply(x)
-        logits = flip_averaged_logits(loaded.model, inputs) if loaded.recipe.augment.tta_flip else loaded.model(inputs)
-        probabilities = torch.softmax(logits.float(), dim=1).cpu()
     k = min(top_k, len(loaded.classes))
     predictions = []
-    for file, row in zip(files, probabilities, strict=True):
-        values, indices = row.topk(k)
-        top = [(loaded.classes[i], float(v)) for v, i in zip(values, indices, strict=True)]
-        predictions.append(Prediction(str(file), top[0][0], top[0][1], top))
+    chunk = loaded.recipe.train.eval_batch_size
+    for start in range(0, len(paths), chunk):  # bounded memory for a folder of any size
+        batch = paths[start : start + chunk]
+        rgb = np.stack([decode_image(path, spec)[0] for path in batch]).transpose(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(convert_color(rgb, "gray" if channels == 1 else "rgb")))
+        with torch.inference_mode():
+            inputs = loaded.preprocessor.apply(x.to(loaded.device))
+            model = loaded.model
+            logits = flip_averaged_logits(model, inputs) if loaded.recipe.augment.tta_flip else model(inputs)
+            probabilities = torch.softmax(logits.float(), dim=1).cpu()
+        for path, row in zip(batch, probabilities, strict=True):
+            values, indices = row.topk(k)
+            top = [(loaded.classes[i], float(v)) for v, i in zip(values, indices, strict=True)]
+            predictions.append(Prediction(str(path), top[0][0], top[0][1], top))
     return predictions

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("predict", cmd_predict, "class and probability for each image file")
     p.add_argument("run_dir", metavar="RUN")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE|DIR|GLOB", help="images, folders (recursive) or globs")
+    p.add_argument("--csv", action="store_true", help="print a CSV table (file, class, probability, top-k)")
     p.add_argument("--top", type=positive_int, default=3, help="how many classes to list per image")
     p.add_argument("--json", action="store_true")
 
@@ -322,15 +323,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dragontrainer.api import predict
 
     predictions = predict(args.run_dir, args.files, top_k=args.top)
+    rows = [{"file": p.file, "class": p.label, "probability": p.probability, "top": p.top} for p in predictions]
     if args.json:
-        print(
-            json.dumps(
-                [{"file": p.file, "class": p.label, "probability": p.probability, "top": p.top} for p in predictions]
-            )
-        )
-    else:
+        print(json.dumps(rows))
+    elif args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "class", "probability", *(f"top{i + 1}" for i in range(args.top))])
         for p in predictions:
-            print(f"{printable(p.file)}\t{printable(p.label)}\t{p.probability:.4f}")
+            writer.writerow([printable(p.file), printable(p.label), f"{p.probability:.6f}",
+                             *(f"{printable(c)}:{v:.6f}" for c, v in p.top)])  # fmt: skip
+    else:
+        table = Table("file", "class", "probability", f"top {args.top}")
+        for p in predictions:
+            others = ", ".join(f"{printable(c)} {v:.2f}" for c, v in p.top)
+            table.add_row(text(p.file), text(p.label), f"{p.probability:.4f}", text(others))
+        Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)  # piped: never cut
     return 0
 
 

@@ -198,3 +198,24 @@ def test_overrides_after_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["eval", "somewhere", "a=1"])
     assert exited.value.code == 2 and capsys.readouterr().err == "dragon: error: unrecognized arguments: a=1\n"
+
+
+def test_predict_takes_folders_and_globs_and_prints_a_table_or_csv(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    images = make_image_folder(tmp_path / "imgs", classes=3, per_class=4, size=8)
+    (images / "class_0" / "README.txt").write_text("not an image")
+    run_dir = tmp_path / "run"
+    assert main(["train", f"data.path={images}", *TINY, f"run.dir={run_dir}", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), str(images), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 12 and all(r["file"].endswith(".png") for r in rows)  # recursive, images only
+    assert main(["predict", str(run_dir), str(images / "class_1" / "*.png"), "--csv", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "file,class,probability,top1,top2" and len(lines) == 5
+    assert main(["predict", str(run_dir), str(images / "class_2" / "0.png"), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "top 2" in out and "0.png" in out
+    assert main(["predict", str(run_dir), str(tmp_path / "nothing*.png")]) == 2
+    assert "matches no file" in capsys.readouterr().err
