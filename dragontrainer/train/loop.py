@@ -603,7 +603,11 @@ def fit(
     model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
     if recipe.model.weights is not None and not resume:
         loaded = load_pretrained(model, recipe.model.weights)
-        console.print(f"weights from {text(recipe.model.weights)}: {text(loaded.report())}")
+        message = f"weights from {text(recipe.model.weights)}: {text(loaded.report())}"
+        if (loaded.missing or loaded.unexpected or loaded.mismatched) and console.quiet:
+            Console(stderr=True, highlight=False).print(message)  # what did not match is said even with --quiet
+        else:
+            console.print(message)
     elif recipe.model.init == "lsuv":
         first_batch, _ = next(data.train.batches(epoch=0))
         lsuv_rescale(model, data.preprocessor.apply(first_batch))

@@ -81,3 +81,15 @@ def test_weights_of_another_model_match_nothing(tmp_path: Path) -> None:
     model = create_model(ModelSpec(name="mlp", widths=[8]), in_channels=1, num_classes=3, image_size=8)
     with pytest.raises(DataError, match="none of its 1 tensors matches"):
         load_pretrained(model, tmp_path / "other.pt")
+
+
+def test_a_partial_match_is_reported_even_with_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dragontrainer.cli import main
+    from tests.conftest import make_npz
+
+    first = train(overrides=[*TINY, f"run.dir={tmp_path / 'a'}"])
+    four_classes = make_npz(tmp_path / "four.npz", n=40, classes=4)
+    argv = ["train", *TINY, f"data.path={four_classes}", f"model.weights={first.run_dir}", f"run.dir={tmp_path / 'b'}"]
+    assert main([*argv, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "weights from" in err and "shape-mismatched" in err  # the new head for 4 classes did not match
