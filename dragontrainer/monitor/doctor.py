@@ -127,6 +127,40 @@ def class_balance(patient: Patient) -> Check:
     return Check("class_balance", "pass", f"largest/smallest class {ratio:.1f}×", numbers)
 
 
+FLIP_PROBE_IMAGES = 600  # per side: enough for a stable linear probe, a second of CPU
+
+
+@check("flip_meaning")
+def flip_meaning(patient: Patient) -> Check:
+    """Horizontal flips are on by default for user data; for text, digits or anything with a handedness a
+    mirrored image is another thing. A linear probe that tells mirrored from original training images
+    apart (cross-validated, chance 50%) shows that flipping changes what the images are."""
+    spec, images = patient.recipe.augment.hflip, patient.data.images
+    p = (0.5 if images.flip_safe else 0.0) if spec.p == "auto" else float(spec.p)
+    if p == 0:
+        return Check("flip_meaning", "pass", "horizontal flips are off", {"p": 0.0})
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    train = patient.data.split.train
+    pick = np.random.default_rng(patient.recipe.seed).permutation(train)[:FLIP_PROBE_IMAGES]
+    x = images.x[pick].astype(np.float32) / 255.0
+    both = np.concatenate([x, x[..., ::-1]]).reshape(2 * len(x), -1)
+    both -= both.mean(axis=0)
+    side = np.repeat([0, 1], len(x))
+    folds = min(3, len(x))
+    if folds < 2:
+        return Check("flip_meaning", "pass", "too few images to test what flipping does", {"p": p})
+    accuracy = float(cross_val_score(LogisticRegression(C=0.1, max_iter=300), both, side, cv=folds).mean())
+    numbers = {"p": p, "probe_accuracy": accuracy, "images": len(x)}
+    if accuracy >= 0.75:
+        return Check("flip_meaning", "warn", f"a linear probe tells mirrored from original images apart "
+                     f"({accuracy:.0%}, chance 50%): flipping changes what these images are (text, digits, "
+                     f"handedness?); turn it off with augment.hflip.p=0", numbers)  # fmt: skip
+    return Check("flip_meaning", "pass", f"mirrored images look like originals to a linear probe ({accuracy:.0%}, "
+                 f"chance 50%): flips (p={p:g}) are safe", numbers)  # fmt: skip
+
+
 @check("batch_labels")
 def batch_labels(patient: Patient) -> Check:
     """Classes per training batch as the loader serves them, against random batches."""

@@ -24,7 +24,8 @@ def statuses(report) -> dict[str, str]:
 def test_healthy_recipe_passes_every_check_quickly() -> None:
     report = doctor(overrides=SMALL)
     assert statuses(report) == dict.fromkeys(
-        ["input_statistics", "class_balance", "batch_labels", "split_overlap", "label_consistency", "initial_loss",
+        ["input_statistics", "class_balance", "flip_meaning", "batch_labels", "split_overlap", "label_consistency",
+         "initial_loss",
          "gradient_flow", "overfit_batch", "lr_probe"], "pass")  # fmt: skip
     assert not report.failed and report.seconds < 60
     assert report.check("label_consistency").numbers["agreement"] > 0.9
@@ -94,3 +95,20 @@ def test_gradient_flow_names_unused_parameters() -> None:
 def test_bad_recipe_is_a_one_line_error(argv: list[str], capsys) -> None:
     assert main(argv) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_doctor_warns_when_flipping_changes_what_images_are(tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    from dragontrainer.api import doctor
+
+    bunch = load_digits()  # digits as a user's npz: flips are on (auto) although a mirrored 3 is not a 3
+    np.savez(tmp_path / "d.npz", x=(bunch.images * 255 / 16).astype(np.uint8), y=bunch.target)
+    report = doctor(overrides=[f"data.path={tmp_path / 'd.npz'}", "model.name=mlp", "model.widths=[32]"])
+    check = report.check("flip_meaning")
+    assert check.status == "warn" and "augment.hflip.p=0" in check.message
+    symmetric = np.random.default_rng(0).integers(0, 255, size=(200, 8, 4), dtype=np.uint8)
+    symmetric = np.concatenate([symmetric, symmetric[:, :, ::-1]], axis=2)  # every image its own mirror
+    np.savez(tmp_path / "s.npz", x=symmetric, y=np.arange(200) % 2)
+    report = doctor(overrides=[f"data.path={tmp_path / 's.npz'}", "model.name=mlp", "model.widths=[32]"])
+    assert report.check("flip_meaning").status == "pass"
