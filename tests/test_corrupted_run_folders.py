@@ -72,6 +72,8 @@ def test_a_corrupted_file_is_one_line_naming_it(
     shutil.copytree(source, run)
     corrupt, fragment = CORRUPTIONS[name]
     corrupt(run)
+    if command == "resume":
+        (run / "result.json").unlink()  # an interrupted run: resume must read its checkpoint
     argv = {
         "resume": ["resume", str(run), "--quiet"],
         "eval": ["eval", str(run)],
