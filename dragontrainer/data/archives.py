@@ -260,6 +260,8 @@ def read_idx(path: Path, kind: str) -> np.ndarray:
                 raise DataError(f"{path}: the IDX header is cut short")
             dims = [int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim)]
             count, header = math.prod(dims), 4 + 4 * ndim
+            if count == 0:
+                raise DataError(f"{path}: its header {dims} declares no data (a dimension is 0)")
             if opener is open and path.stat().st_size != header + count:
                 raise DataError(f"{path}: {path.stat().st_size} bytes, but its header {dims} implies {header + count}")
             check_fits(count, f"{path}: its header {dims}")

@@ -172,3 +172,13 @@ def test_names_with_markup_and_non_utf8_bytes_train_report_and_print(tmp_path: P
 def test_seeds_outside_what_the_rngs_accept(item: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", item, "--quiet"]) == 2
     assert "recipe field" in capsys.readouterr().err
+
+
+def test_an_idx_header_with_a_zero_dimension_is_empty_not_a_crash(tmp_path: Path) -> None:
+    """Found by the bounded property test: [0, 3e9, 3e9] multiplies to 0 bytes but no array has that shape."""
+    root = tmp_path / "idx"
+    root.mkdir()
+    idx_file(root / "train-images-idx3-ubyte", [0, 3_036_988_439, 3_037_012_561])
+    (root / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 0]))
+    with pytest.raises(DataError, match="declares no data"):
+        load_images(DataSpec(source="mnist-idx", path=root))
