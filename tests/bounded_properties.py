@@ -22,7 +22,8 @@ from dragontrainer.data.sources import load_images
 from dragontrainer.errors import DragonError
 from dragontrainer.recipe import DataSpec, Recipe
 
-SETTINGS = settings(max_examples=60, deadline=5000, suppress_health_check=list(HealthCheck))
+# derandomized: CI sees the same examples every time (new cases are found by running with more examples locally)
+SETTINGS = settings(max_examples=60, deadline=5000, suppress_health_check=list(HealthCheck), derandomize=True)
 sizes = st.one_of(st.integers(0, 40), st.integers(0, 2**32 - 1), st.sampled_from([2**31, 2**32 - 1, 60000, 784]))
 
 
