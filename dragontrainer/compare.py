@@ -33,8 +33,7 @@ from dragontrainer.run import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    check_usable_folder,
-    make_folder,
+    open_plan_folder,
 )
 
 
@@ -161,8 +160,7 @@ def default_out(record: dict[str, Any]) -> Path:
 
 def open_comparison(out: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Start a comparison folder, or continue the same comparison; never write into anything else."""
-    plan_path = out / PLAN_FILE
-    if plan_path.is_file():
+    if (out / PLAN_FILE).is_file():
         saved = read_plan(out)
         if fingerprint(saved) != fingerprint(record):
             raise RunError(
@@ -170,11 +168,9 @@ def open_comparison(out: Path, record: dict[str, Any]) -> dict[str, Any]:
                 f"continue it with `dragon compare --resume {out}` or choose another --out"
             )
         return saved
-    check_usable_folder(out, what="--out")
-    make_folder(out, what="comparison folder")
-    saved = {**record, "status": {}}
-    atomic_write_json(plan_path, saved)
-    return saved
+    fresh = {**record, "status": {}}
+    open_plan_folder(out, fresh, file_name=PLAN_FILE, kind="comparison")  # a new or empty folder only
+    return fresh
 
 
 def read_plan(out: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -283,6 +283,27 @@ def check_usable_folder(path: Path, *, what: str) -> None:
     if (path / "recipe.yaml").is_file():
         raise RunError(f"{path}: a run already exists here; continue it with `dragon resume {path}` or set run.dir")
     raise RunError(f"{path}: not empty and not a dragontrainer run; choose another {what}")
+
+
+def open_plan_folder(
+    out: Path, plan: dict[str, Any], *, file_name: str, kind: str, same: Callable[[dict[str, Any]], bool] | None = None
+) -> dict[str, Any] | None:
+    """An orchestrator's folder (comparison, ensemble, fine-tuning study): the saved plan when `out` holds
+    the same one (so the command continues), None after starting a new or empty folder with `plan`;
+    a different plan, an unreadable one or anybody else's files are refused untouched."""
+    path = out / file_name
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RunError(f"{path}: not readable JSON; choose another --out") from None
+        if not isinstance(saved, dict) or not (same(saved) if same else saved == plan):
+            raise RunError(f"{out}: holds a different {kind}; choose another --out")
+        return saved
+    check_usable_folder(out, what="--out")
+    make_folder(out, what=f"{kind} folder")
+    atomic_write_json(path, plan)
+    return None
 
 
 def make_folder(path: Path, *, what: str) -> list[Path]:

@@ -28,8 +28,7 @@ from dragontrainer.run import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    check_usable_folder,
-    make_folder,
+    open_plan_folder,
     unique_path,
 )
 from dragontrainer.study.combine import COMBINE, combine, equal_weights, fit_weights, scores
@@ -129,18 +128,7 @@ def ensemble(
 
 def start_folder(out: Path, plan: dict[str, Any]) -> None:
     """A new or empty folder gets the plan; a folder with the same plan is continued; anything else refused."""
-    plan_file = out / "plan.json"
-    if plan_file.is_file():
-        try:
-            saved = json.loads(plan_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RunError(f"{plan_file}: not readable JSON; choose another --out") from None
-        if saved != plan:
-            raise RunError(f"{out}: holds a different ensemble; choose another --out")
-        return
-    check_usable_folder(out, what="--out")
-    make_folder(out, what="ensemble folder")
-    atomic_write_json(plan_file, plan)
+    open_plan_folder(out, plan, file_name="plan.json", kind="ensemble")
 
 
 def cached_logits(file: Path, member: Any, x: torch.Tensor, val_x: torch.Tensor | None) -> dict[str, torch.Tensor]:

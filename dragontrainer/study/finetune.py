@@ -29,7 +29,7 @@ from rich.console import Console
 
 from dragontrainer.errors import DataError, RecipeError
 from dragontrainer.recipe import Recipe, parse_override, read_yaml_mapping, set_dotted
-from dragontrainer.run import RunDir, atomic_write_json, check_usable_folder, make_folder
+from dragontrainer.run import RunDir, atomic_write_json, open_plan_folder
 
 STRATEGIES = ("auto", "linear", "top", "full")
 SMALL_PER_CLASS = 100  # fewer training images per class than this: "very little data"
@@ -252,18 +252,7 @@ def run_stage(recipe: Recipe, console: Console, progress: bool) -> StageResult:
 
 def check_plan(out: Path, plan: dict[str, Any]) -> None:
     """The same command continues; another command on the same folder is refused."""
-    path = out / "plan.json"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RecipeError(f"{path}: not readable JSON; choose another --out") from None
-        if saved != plan:
-            raise RecipeError(f"{out}: holds a fine-tuning study with other settings; choose another --out")
-        return
-    check_usable_folder(out, what="--out")
-    make_folder(out, what="fine-tuning folder")
-    atomic_write_json(path, plan)
+    open_plan_folder(out, plan, file_name="plan.json", kind="fine-tuning study (other settings)")
 
 
 def finetune(

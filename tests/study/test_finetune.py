@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dragontrainer import RecipeError, finetune, train
+from dragontrainer import finetune, train
 from dragontrainer.cli import main
+from dragontrainer.errors import RunError
 from dragontrainer.study.finetune import choose
 from tests.conftest import make_npz
 
@@ -43,7 +44,7 @@ def test_top_trains_a_linear_head_then_the_top_stages_and_resumes_after_a_kill(t
     assert again.stages[-1].best_val_accuracy == pytest.approx(result.stages[-1].best_val_accuracy)
     epochs = [r["epoch"] for r in map(json.loads, (top / "metrics.jsonl").read_text().splitlines())]
     assert epochs == [1, 1, 2, 2]  # nothing trained twice
-    with pytest.raises(RecipeError, match="other settings"):
+    with pytest.raises(RunError, match=r"holds a different fine-tuning study \(other settings\)"):
         finetune(source, None, [*target(tmp_path), "optim.lr=0.01"], strategy="top", out=out)
 
 
