@@ -31,13 +31,19 @@ def available_memory() -> int:
 
 
 def meminfo_available() -> int:
+    found = proc_kib("/proc/meminfo", "MemAvailable:")
+    return 1 << 62 if found is None else found  # unknown: do not refuse on a guess
+
+
+def proc_kib(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a /proc file, in bytes (None when absent or unreadable)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 1 << 62  # unknown: do not refuse on a guess
+    return None
 
 
 def cgroup_room() -> int | None:
@@ -51,13 +57,7 @@ def cgroup_room() -> int | None:
 
 
 def process_virtual_size() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_kib("/proc/self/status", "VmSize:") or 0
 
 
 def gib(nbytes: int) -> str:

@@ -65,6 +65,11 @@ class CheckpointState(BaseModel):
 
 def read_json(path: Path, schema: type[Model]) -> Model:
     """A JSON file of the run folder, validated; any problem is a RunError naming the file."""
+    return schema.model_validate(checked_json(path, schema))
+
+
+def checked_json(path: Path, schema: type[BaseModel]) -> dict[str, Any]:
+    """The file's mapping as written (one read), after validating it against `schema`."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -74,11 +79,12 @@ def read_json(path: Path, schema: type[Model]) -> Model:
     if not isinstance(value, dict):
         raise RunError(f"{path}: expected a JSON object, got {type(value).__name__}")
     try:
-        return schema.model_validate(value)
+        schema.model_validate(value)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]) or "the file"
         raise RunError(f"{path}: {where}: {shorten(error['msg'], 120)}") from None
+    return value
 
 
 def read_tensors(path: Path, required: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

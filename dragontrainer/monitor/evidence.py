@@ -43,15 +43,24 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, preprocessor: Any, b
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].flatten(1).float()))
+    try:
+        forward_in_batches(model, x, preprocessor, batch)
+    finally:
+        handle.remove()
+    return torch.cat(captured).cpu().numpy()
+
+
+@torch.inference_mode()
+def forward_in_batches(model: nn.Module, x: torch.Tensor, preprocessor: Any, batch: int) -> None:
+    """Run uint8 images through the model in eval mode, batch by batch, for forward hooks to read;
+    the model's train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(x), batch):
             model(preprocessor.apply(x[start : start + batch]))
     finally:
-        handle.remove()
         model.train(was_training)
-    return torch.cat(captured).cpu().numpy()
 
 
 def out_of_sample_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dragontrainer.data.preprocess import Preprocessor
+from dragontrainer.monitor.evidence import forward_in_batches
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,11 @@ def stage_features(
     hooks.append(stages["head"].register_forward_pre_hook(
         lambda m, args: captured.setdefault("head", []).append(pooled(args[0], 1).cpu())
     ))  # fmt: skip
-    was_training = model.training
-    model.eval()
     try:
-        for start in range(0, len(x), batch_size):
-            model(preprocessor.apply(x[start : start + batch_size]))
+        forward_in_batches(model, x, preprocessor, batch_size)
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     return {name: torch.cat(parts).numpy() for name, parts in captured.items()}
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from dragontrainer.errors import RunError, shorten
 from dragontrainer.run import current_umask, fsync_dir
-from dragontrainer.run_files import CheckpointState, read_json, read_tensors
+from dragontrainer.run_files import CheckpointState, checked_json, read_tensors
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -74,8 +74,7 @@ def load_state(folder: Path) -> dict[str, Any]:
     found = checkpoint_folder(folder)
     if found is None:
         raise RunError(f"{folder}: no checkpoint here")
-    read_json(found / STATE_FILE, CheckpointState)  # validated: a bad file is one line naming it
-    return json.loads((found / STATE_FILE).read_text(encoding="utf-8"))
+    return checked_json(found / STATE_FILE, CheckpointState)  # validated: a bad file is one line naming it
 
 
 def load_model_weights(folder: Path, model: torch.nn.Module) -> None:

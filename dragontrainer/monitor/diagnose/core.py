@@ -15,7 +15,6 @@ run's findings consistent (a knob set by a higher-ranked finding is never contra
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -68,7 +67,7 @@ class RunRecords:
 
     @classmethod
     def load(cls, path: str | Path) -> RunRecords:
-        from dragontrainer.run_files import DataInfo, read_json, read_tensors
+        from dragontrainer.run_files import DataInfo, checked_json, read_tensors
 
         run = RunDir.open(path)
         data_file = run.file("data.json")
@@ -76,8 +75,7 @@ class RunRecords:
             raise RunError(f"{run.path}: no data.json — the run never started training")
         files = [run.file(name) for name in ("init.safetensors", "preprocess.safetensors")]
         initial, preprocess = (read_tensors(f) if f.exists() else None for f in files)
-        read_json(data_file, DataInfo)  # validated first: a corrupted file is one line naming it
-        data = json.loads(data_file.read_text(encoding="utf-8"))
+        data = checked_json(data_file, DataInfo)  # a corrupted file is one line naming it
         return cls(run.recipe(), data, run.history(), read_jsonl(run.stats_path), initial, preprocess)
 
     # ------------------------------------------------------------------ shared series
