@@ -9,7 +9,7 @@ from dragontrainer.nn.models import register_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.study.ensemble import ensemble
 from dragontrainer.study.finetune import finetune
-from dragontrainer.train.loop import TrainResult
+from dragontrainer.train.outcomes import TrainResult
 from dragontrainer.version import __version__
 
 __all__ = [

@@ -20,6 +20,7 @@ from torch import nn
 
 from dragontrainer.data.augment import flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
+from dragontrainer.data.prepare import prepare_data
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import convert_color, decode_image, load_images
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
@@ -30,15 +31,10 @@ from dragontrainer.run_files import DataInfo, read_json, read_tensors
 from dragontrainer.train.callbacks import Callback
 from dragontrainer.train.checkpoint import checkpoint_folder, load_model_weights
 from dragontrainer.train.class_metrics import per_class_metrics
-from dragontrainer.train.loop import (
-    TrainingDiverged,
-    TrainingInterrupted,
-    TrainResult,
-    evaluate,
-    fit,
-    prepare_data,
-    resolve_device,
-)
+from dragontrainer.train.device import resolve_device
+from dragontrainer.train.evaluate import evaluate
+from dragontrainer.train.loop import fit
+from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted, TrainResult
 
 
 def as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path | None, overrides: Sequence[str] = ()) -> Recipe:

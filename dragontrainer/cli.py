@@ -235,7 +235,7 @@ def split_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
 def cmd_train(args: argparse.Namespace) -> int:
     from dragontrainer.api import train
     from dragontrainer.recipe import Recipe
-    from dragontrainer.train.loop import TrainingDiverged, TrainingInterrupted
+    from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted
 
     path, overrides = split_items(args.items)
     recipe = Recipe.load(path, [*overrides, *(["train.deterministic=true"] if args.deterministic else [])])
@@ -256,7 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from dragontrainer.api import RunFinished, resume
-    from dragontrainer.train.loop import TrainingDiverged, TrainingInterrupted
+    from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted
 
     try:
         result = resume(
@@ -462,7 +462,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from dragontrainer.study.search import search
     from dragontrainer.study.search_page import print_summary
     from dragontrainer.study.worker import SearchSettings
-    from dragontrainer.train.loop import TrainingInterrupted
+    from dragontrainer.train.outcomes import TrainingInterrupted
 
     files = [item for item in args.items if "=" not in item]
     overrides = [item for item in args.items if "=" in item]

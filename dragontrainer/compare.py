@@ -245,7 +245,7 @@ def run_planned(
 ) -> tuple[RunRow, list[dict[str, Any]]]:
     """Train one planned run, continue it if it was interrupted, or read it back if it is finished."""
     from dragontrainer.api import resume, train
-    from dragontrainer.train.loop import TrainingDiverged, TrainingInterrupted
+    from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted
 
     run_dir = out / run.folder
     status = saved["status"].get(run.folder)

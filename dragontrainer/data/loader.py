@@ -40,6 +40,15 @@ class DeviceLoader:
     def num_images(self) -> int:
         return len(self.x)
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels at arbitrary indices (probe sets, monitors), on the device."""
+        index = index.to(self.x.device)
+        return self.x[index], self.y[index]
+
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(len(self.x), device=self.x.device)

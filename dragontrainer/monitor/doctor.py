@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from dragontrainer.data.prepare import PreparedData, prepare_data
 from dragontrainer.monitor.diagnose import expected_distinct_classes
 from dragontrainer.monitor.stats import input_problem, input_summary
 from dragontrainer.nn.models import create_model
 from dragontrainer.optim.optimizers import auto_lr, base_lr, create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
 from dragontrainer.recipe import Recipe
-from dragontrainer.train.loop import PreparedData, configure_determinism, prepare_data, resolve_device
+from dragontrainer.train.device import configure_determinism, resolve_device
 from dragontrainer.train.state import seed_everything
 
 Status = Literal["pass", "warn", "fail"]
@@ -216,8 +217,8 @@ def label_consistency(patient: Patient) -> Check:
     data = patient.data
     generator = torch.Generator().manual_seed(patient.recipe.seed)
     train_pick = torch.randperm(data.train.num_images, generator=generator)[:4000].to(patient.device)
-    reference_x, reference_y = data.train.x[train_pick], data.train.y[train_pick]
-    query_x, query_y = data.val.x[:500], data.val.y[:500]
+    reference_x, reference_y = data.train.take(train_pick)
+    query_x, query_y = data.val.take(torch.arange(min(500, data.val.num_images)))
     agreement = neighbour_agreement(query_x.float() / 255, query_y, reference_x.float() / 255, reference_y)
     preprocessed = neighbour_agreement(data.preprocessor.apply(query_x), query_y,
                                        data.preprocessor.apply(reference_x), reference_y)  # fmt: skip

@@ -33,8 +33,8 @@ GALLERY = 24
 def probe_loader(train: DeviceLoader, batch_size: int) -> DeviceLoader:
     """A fixed, evenly spaced subset of the training split, served unshuffled and unaugmented."""
     count = min(EVAL_PROBE_IMAGES, train.num_images)
-    index = torch.linspace(0, train.num_images - 1, count, device=train.x.device).long()
-    return DeviceLoader(train.x[index], train.y[index], batch_size, shuffle=False)
+    index = torch.linspace(0, train.num_images - 1, count).long()
+    return DeviceLoader(*train.take(index), batch_size, shuffle=False)
 
 
 @torch.inference_mode()
@@ -104,9 +104,10 @@ def label_noise_record(model: nn.Module, data: Any, run: RunDir, seed: int, step
     started = time.perf_counter()
     train = data.train
     count = min(NOISE_IMAGES, train.num_images)
-    index = torch.linspace(0, train.num_images - 1, count, device=train.x.device).long()
-    labels = train.y[index].cpu().numpy()
-    features = penultimate_features(model, train.x[index], data.preprocessor)
+    index = torch.linspace(0, train.num_images - 1, count).long()
+    probe_images, probe_labels = train.take(index)
+    labels = probe_labels.cpu().numpy()
+    features = penultimate_features(model, probe_images, data.preprocessor)
     probs = out_of_sample_probabilities(features, labels, data.num_classes, seed)
     rate, issues = estimate_label_noise(labels, probs)
     dataset_index = data.split.train[index.cpu().numpy()]  # position in the source's image order
@@ -121,7 +122,7 @@ def label_noise_record(model: nn.Module, data: Any, run: RunDir, seed: int, step
     writer.writerows(rows)
     atomic_write_text(run.file("suspect_labels.csv"), buffer.getvalue())
     shown = torch.as_tensor(issues[:GALLERY], dtype=torch.long)
-    images = train.x[index][shown.to(train.x.device)].cpu().contiguous()
+    images = probe_images[shown.to(probe_images.device)].cpu().contiguous()
     given = torch.as_tensor(labels[issues[:GALLERY]], dtype=torch.long)
     predicted = torch.as_tensor(probs[issues[:GALLERY]].argmax(1), dtype=torch.long)
     atomic_write_bytes(

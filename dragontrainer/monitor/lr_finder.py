@@ -103,7 +103,7 @@ def sweep(
     optimizer = create_optimizer(groups, recipe.optim, 1.0)  # base_lr = lr_mult: the sweep sets the lr
     parameters = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(seed)
-    device = data.train.x.device
+    device = data.train.device
     generator = torch.Generator(device).manual_seed(seed + 1)
     ratio = spec.end_lr / spec.start_lr
     lrs, losses, smoothed = [], [], []
@@ -293,10 +293,10 @@ def apply_to_recipe_file(path: Path, lr: float) -> None:
 
 
 def criterion_for(recipe: Recipe, data: Any) -> nn.Module:
-    from dragontrainer.train.loop import class_weights
+    from dragontrainer.train.setup import class_weights
 
     weights = class_weights(recipe.train.class_weights, data.images.y[data.split.train], data.num_classes)
-    device = data.train.x.device
+    device = data.train.device
     return nn.CrossEntropyLoss(
         weight=None if weights is None else weights.to(device), label_smoothing=recipe.train.label_smoothing
     )
@@ -310,9 +310,11 @@ def lr_find(
     ...). With `out`, writes lr_find.json and lr_find.png there."""
     from dragontrainer.api import as_recipe
     from dragontrainer.data.augment import create_augmenter
+    from dragontrainer.data.prepare import prepare_data
     from dragontrainer.nn.models import create_model
     from dragontrainer.nn.pretrained import load_pretrained
-    from dragontrainer.train.loop import autocast_dtype, configure_determinism, prepare_data, resolve_device
+    from dragontrainer.train.device import configure_determinism, resolve_device
+    from dragontrainer.train.precision import autocast_dtype
     from dragontrainer.train.state import seed_everything
 
     recipe = as_recipe(recipe, overrides)
@@ -357,7 +359,7 @@ def resolve_found_lr(
     """`optim.lr=find` inside `fit`: the range test from the model as it will train (same weights for every
     sweep), its files in the run folder, and the run's recipe.yaml given the number (so resume, report and
     diagnosis see a float). A resumed run reads the number back instead of searching again."""
-    from dragontrainer.train.loop import autocast_dtype
+    from dragontrainer.train.precision import autocast_dtype
 
     saved = run.file("lr_find.json")
     if resume and saved.is_file():

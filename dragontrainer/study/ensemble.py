@@ -175,10 +175,10 @@ def evaluation_images(
 
 
 def prepared_splits(member: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
-    from dragontrainer.train.loop import prepare_data
+    from dragontrainer.data.prepare import prepare_data
 
     prepared = prepare_data(member.recipe, member.device)
-    pair = lambda loader: None if loader is None else (loader.x, loader.y)
+    pair = lambda loader: None if loader is None else loader.take(torch.arange(loader.num_images))
     return {"val": pair(prepared.val), "test": pair(prepared.test)}
 
 

@@ -136,10 +136,11 @@ def measure(base: Recipe, out: Path, console: Console) -> dict[str, Any]:
     cache = out / "probes.json"
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
+    from dragontrainer.data.prepare import prepare_data
     from dragontrainer.nn.models import create_model
     from dragontrainer.nn.pretrained import load_pretrained
     from dragontrainer.study.probes import probe_stages, stage_features
-    from dragontrainer.train.loop import prepare_data, resolve_device
+    from dragontrainer.train.device import resolve_device
     from dragontrainer.train.source import adopt_source
 
     device = resolve_device(base.train.device)

@@ -27,7 +27,7 @@ from dragontrainer.recipe import Recipe
 from dragontrainer.study.optuna_backend import LiveTrial, Study, TrialRecord, create_storage
 from dragontrainer.study.space import Param, narrow
 from dragontrainer.train.callbacks import Callback, Logs
-from dragontrainer.train.loop import TrainingDiverged
+from dragontrainer.train.outcomes import TrainingDiverged
 from dragontrainer.train.state import TrainState
 
 POLL_SECONDS = 1.0  # a worker with nothing to claim looks again after this long

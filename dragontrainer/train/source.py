@@ -17,7 +17,7 @@ from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir
 
 if TYPE_CHECKING:
-    from dragontrainer.train.loop import PreparedData
+    from dragontrainer.data.prepare import PreparedData
 
 
 def source_run(recipe: Recipe) -> RunDir | None:

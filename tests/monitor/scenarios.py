@@ -222,7 +222,7 @@ def run_scenario(scenario: Scenario, folder: Path, dataset: str = "digits", repo
     report's figures are drawn only with `report` (they cost more than the diagnosis)."""
     from dragontrainer import train
     from dragontrainer.monitor.diagnose import diagnose
-    from dragontrainer.train.loop import TrainingDiverged
+    from dragontrainer.train.outcomes import TrainingDiverged
 
     x, y = DATASETS[dataset]()
     if scenario.problem:

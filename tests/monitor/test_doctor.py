@@ -73,8 +73,9 @@ def test_imbalanced_classes_warn(tmp_path: Path) -> None:
 
 
 def test_gradient_flow_names_unused_parameters() -> None:
+    from dragontrainer.data.prepare import prepare_data
     from dragontrainer.recipe import Recipe
-    from dragontrainer.train.loop import prepare_data, resolve_device
+    from dragontrainer.train.device import resolve_device
 
     recipe = Recipe.load(overrides=["model.name=mlp", "model.widths=[16]"])
     device = resolve_device("cpu")

@@ -52,11 +52,11 @@ def test_training_accuracy_is_also_measured_in_eval_mode_on_a_fixed_probe(tmp_pa
     """With mixup and dropout the train-mode number is low by construction; the eval-mode one is what
     the final weights score on the probe images, recomputed here independently."""
     from dragontrainer import train
+    from dragontrainer.data.prepare import prepare_data
     from dragontrainer.data.preprocess import create_preprocessor
     from dragontrainer.nn.models import create_model
     from dragontrainer.recipe import Recipe
     from dragontrainer.train.checkpoint import load_model_weights
-    from dragontrainer.train.loop import prepare_data
 
     overrides = [*TINY, "augment.mixup.p=1.0", "model.dropout=0.5", f"run.dir={tmp_path}"]
     result = train(overrides=overrides)

@@ -13,7 +13,7 @@ import pytest
 
 from dragontrainer import RecipeError, resume, train
 from dragontrainer.monitor import mlflow as sink
-from dragontrainer.train.loop import TrainingInterrupted
+from dragontrainer.train.outcomes import TrainingInterrupted
 from tests.conftest import TINY
 from tests.train.test_loop import InterruptAt
 

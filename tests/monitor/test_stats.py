@@ -15,7 +15,7 @@ from torch import nn
 from dragontrainer import train
 from dragontrainer.monitor.stats import activation_summary, confusion_matrix, sample_every
 from dragontrainer.recipe import MonitorSpec
-from dragontrainer.train.loop import TrainingDiverged
+from dragontrainer.train.outcomes import TrainingDiverged
 from tests.conftest import TINY
 
 
@@ -126,6 +126,6 @@ def test_non_finite_gradient_with_finite_loss_counts_as_divergence(tmp_path: Pat
         model.head.weight.register_hook(lambda grad: grad * float("nan"))
         return model
 
-    monkeypatch.setattr(importlib.import_module("dragontrainer.train.loop"), "create_model", poisoned)
+    monkeypatch.setattr(importlib.import_module("dragontrainer.train.build"), "create_model", poisoned)
     with pytest.raises(TrainingDiverged, match="step 0"):
         train(overrides=[*TINY, f"run.dir={tmp_path}"])

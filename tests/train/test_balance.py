@@ -43,7 +43,7 @@ class StemWatcher(Callback):
 
 
 def test_two_stage_freezes_the_body_from_its_switch_epoch(tmp_path: Path, monkeypatch: Any) -> None:
-    loop = importlib.import_module("dragontrainer.train.loop")  # `dragontrainer.train` is also the function
+    loop = importlib.import_module("dragontrainer.train.build")
     models: list[torch.nn.Module] = []
     original = loop.create_model
     monkeypatch.setattr(loop, "create_model", lambda *a, **k: models.append(original(*a, **k)) or models[-1])

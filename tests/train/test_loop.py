@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dragontrainer import Recipe, resume, train
 from dragontrainer.train.callbacks import Callback
-from dragontrainer.train.loop import TrainingInterrupted
+from dragontrainer.train.outcomes import TrainingInterrupted
 from dragontrainer.train.state import TrainState
 from tests.conftest import TINY
 
@@ -129,7 +129,7 @@ def test_plateau_schedule_lowers_the_learning_rate_in_a_real_run(tmp_path: Path)
 
 
 def test_balanced_class_weights_follow_the_training_counts() -> None:
-    from dragontrainer.train.loop import class_weights
+    from dragontrainer.train.setup import class_weights
 
     weights = class_weights("balanced", torch.tensor([0, 0, 0, 1]), 3)
     torch.testing.assert_close(weights, torch.tensor([4 / 9, 4 / 3, 0.0]))
@@ -141,7 +141,7 @@ def test_balanced_class_weights_follow_the_training_counts() -> None:
 
 
 def test_divergence_stops_at_once_naming_the_step_and_learning_rate(tmp_path: Path) -> None:
-    from dragontrainer.train.loop import TrainingDiverged
+    from dragontrainer.train.outcomes import TrainingDiverged
 
     overrides = ["model.name=mlp", "model.norm=none", "optim.lr=100", "train.epochs=3", "schedule.warmup_epochs=0",
                  f"run.dir={tmp_path / 'r'}"]  # fmt: skip

@@ -1,0 +1,279 @@
+"""The training engine: one optimiser step, one epoch, the end-of-epoch bookkeeping, checkpoints,
+divergence watching and rollback. Built once by `fit` from its collaborators, passed by keyword.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from dragontrainer.data.augment import Augmenter
+from dragontrainer.data.loader import DeviceLoader
+from dragontrainer.data.prepare import PreparedData
+from dragontrainer.errors import RunError
+from dragontrainer.monitor.stats import Monitor
+from dragontrainer.monitor.tensorboard import TensorBoardSink
+from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
+from dragontrainer.optim.schedules import LrFactor
+from dragontrainer.recipe import MonitorSpec, RegularizeSpec
+from dragontrainer.run import RunDir
+from dragontrainer.train.callbacks import Callback, EarlyStopping
+from dragontrainer.train.checkpoint import (
+    load_model_weights,
+    load_optimizer,
+    load_state,
+    save_checkpoint,
+)
+from dragontrainer.train.evaluate import MAX_CONFUSION_CLASSES, epoch_record, evaluate
+from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted
+from dragontrainer.train.progress import TrainProgress
+from dragontrainer.train.state import EpochMeter, TrainState, capture_rng, restore_rng
+
+CHECK_EVERY = 50  # steps between divergence checks (each one a device sync)
+
+
+@dataclass(kw_only=True)
+class Loop:
+    """Everything one epoch needs, built once by `fit`."""
+
+    run: RunDir
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_factor: LrFactor
+    criterion: nn.Module
+    augment: Augmenter
+    augment_generator: torch.Generator
+    data: PreparedData
+    amp: torch.dtype | None
+    callbacks: Sequence[Callback]
+    regularize: RegularizeSpec
+    accumulate_steps: int
+    tta_flip: bool
+    recipe_lr: float  # optim.lr as written in the recipe, for advice
+    monitor_spec: MonitorSpec
+    monitor: Monitor | None = None
+    console: Console | None = None
+    tensorboard: TensorBoardSink | None = None
+    eval_probe: DeviceLoader | None = None  # fixed training images scored in eval mode every epoch (diagnosis)
+
+    def __post_init__(self) -> None:
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.weights = [p for p in self.parameters if p.ndim >= 2]  # conv kernels and linear weights
+        self.penalty = create_penalty(self.regularize)
+        self.optimizer.zero_grad(set_to_none=True)
+        # first step whose loss was not finite, kept on the device: checked every CHECK_EVERY steps
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=next(self.model.parameters()).device)
+        self.first_bad_lr = torch.zeros((), device=self.first_bad_step.device)
+        self.step_loss: torch.Tensor | None = None  # the loss of the optimiser step being accumulated
+
+    def checkpoint_state(self, state: TrainState, meter: EpochMeter) -> dict[str, Any]:
+        return {
+            "train": state.state_dict(),
+            "meter": meter.state_dict(),
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+            "rng": capture_rng(self.augment_generator),
+        }
+
+    def save_last(self, state: TrainState, meter: EpochMeter) -> None:
+        save_checkpoint(self.run.checkpoints / "last", self.model, self.optimizer, self.checkpoint_state(state, meter))
+
+    def restore(self, state: TrainState, meter: EpochMeter) -> None:
+        folder = self.run.checkpoints / "last"
+        saved = load_state(folder)
+        load_model_weights(folder, self.model)
+        load_optimizer(folder, self.optimizer, saved["optimizer"])
+        state.load_state_dict(saved["train"])
+        meter.load_state_dict(saved["meter"])
+        for callback in self.callbacks:
+            if type(callback).__name__ in saved["callbacks"]:
+                callback.load_state_dict(saved["callbacks"][type(callback).__name__])
+        try:
+            restore_rng(saved["rng"], self.augment_generator)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise RunError(
+                f"{folder}/state.json: the random-number state is not valid ({type(exc).__name__})"
+            ) from None
+        self.run.keep_metrics_through(state.epoch)
+        self.run.keep_stats_through(state.global_step)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, meter: EpochMeter) -> bool:
+        """Forward and backward one micro-batch; every `accumulate_steps` of them (or at the epoch's
+        end) clip, step the optimiser with this step's learning rate, and project max-norm.
+        Returns whether the optimiser stepped."""
+        pixels, targets = self.augment(x.float().div_(255.0), y, self.augment_generator)
+        inputs = self.data.preprocessor.normalize(pixels)
+        with torch.autocast(inputs.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logits = self.model(inputs)
+        loss = self.criterion(logits.float(), targets)  # targets: labels, or soft targets from mixup/cutmix
+        penalty = self.penalty(self.weights)
+        objective = loss if penalty is None else loss + penalty
+        group_start = state.step_in_epoch - state.step_in_epoch % self.accumulate_steps
+        group_size = min(self.accumulate_steps, len(self.data.train) - group_start)  # the epoch's last is short
+        (objective / group_size).backward()
+        meter.update(loss, logits, y)
+        self.watch_for_divergence(loss, state)
+        if self.monitor is not None:
+            step_loss = loss.detach() / group_size
+            self.step_loss = step_loss if self.step_loss is None else self.step_loss + step_loss
+        state.step_in_epoch += 1
+        if state.step_in_epoch % self.accumulate_steps and state.step_in_epoch < len(self.data.train):
+            return False
+        state.lr = self.lr_factor(state.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * state.lr * state.lr_scale
+        sampled = self.monitor is not None and self.monitor.sampling(state.global_step)
+        if self.monitor is not None:
+            self.record_step(y, state)
+            if sampled:
+                self.monitor.before_update()
+        clip_gradients(self.parameters, self.regularize)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.regularize.max_norm is not None:
+            project_max_norm(self.weights, self.regularize.max_norm)
+        if sampled:
+            self.monitor.after_update(state.global_step + 1, state.epoch + 1)
+        state.global_step += 1
+        return True
+
+    def record_step(self, labels: torch.Tensor, state: TrainState) -> None:
+        """Per-step series for the monitor (on the device); a non-finite gradient counts as divergence."""
+        assert self.monitor is not None and self.step_loss is not None
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else self.step_loss * 0
+        self.watch_for_divergence(grad_norm, state)
+        classes = torch.bincount(labels, minlength=self.data.num_classes).count_nonzero()
+        values = torch.stack([self.step_loss, grad_norm, classes.to(grad_norm.dtype)])
+        self.monitor.record_step(state.global_step + 1, state.epoch + 1, self.current_lr(), values)
+        self.step_loss = None
+
+    def flush_monitor(self) -> None:
+        if self.monitor is not None:
+            lines = self.monitor.flush()
+            self.run.append_stats(lines)
+            if self.tensorboard is not None:
+                self.tensorboard.write_stats(lines)
+
+    def watch_for_divergence(self, loss: torch.Tensor, state: TrainState) -> None:
+        """Record the first non-finite loss without a host sync (torch.where on device tensors)."""
+        first = (self.first_bad_step < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(first, state.global_step, self.first_bad_step)
+        self.first_bad_lr = torch.where(first, self.current_lr(), self.first_bad_lr)
+
+    def rollback(self, state: TrainState, meter: EpochMeter, diverged: TrainingDiverged) -> bool:
+        """`monitor.on_nan=rollback`: back to `last` with the learning rate lowered, a limited number of
+        times; recorded in stats.jsonl (the diagnosis reports it). False when the run must stop instead."""
+        spec = self.monitor_spec
+        if spec.on_nan != "rollback" or state.rollbacks >= spec.max_rollbacks:
+            return False
+        rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * spec.rollback_lr_factor
+        self.restore(state, meter)
+        state.rollbacks, state.lr_scale = rollbacks, lr_scale
+        self.first_bad_step.fill_(-1)
+        self.step_loss = None
+        if self.monitor is not None:
+            self.monitor.flush()  # measurements past the checkpoint are dropped with it
+        self.run.append_stats([{
+            "kind": "rollback", "step": state.global_step, "epoch": state.epoch, "diverged_step": diverged.step,
+            "diverged_epoch": diverged.epoch, "lr": diverged.lr, "lr_scale": lr_scale, "rollback": rollbacks,
+        }])  # fmt: skip
+        self.save_last(state, meter)
+        if self.console is not None:
+            self.console.print(
+                f"[yellow]loss became NaN/Inf at step {diverged.step} (lr {diverged.lr:.3g}): rolled back to step "
+                f"{state.global_step}, learning rate ×{lr_scale:g} ({rollbacks}/{spec.max_rollbacks})[/]"
+            )
+        return True
+
+    def raise_if_diverged(self, state: TrainState) -> None:
+        step = int(self.first_bad_step)  # a device sync: called every CHECK_EVERY steps and per epoch
+        if step >= 0:
+            raise TrainingDiverged(step, state.epoch + 1, float(self.first_bad_lr), self.recipe_lr, self.run.path)
+
+    def run_epoch(self, state: TrainState, meter: EpochMeter, progress: TrainProgress, stops: list[int]) -> None:
+        """Train one epoch (from `state.step_in_epoch`, when resumed mid-epoch), checking for stop requests
+        between optimiser steps (never with gradients half accumulated)."""
+        self.model.train()
+        for callback in self.callbacks:
+            callback.on_epoch_start(state, {})
+        started = time.perf_counter()
+        seconds_before = meter.seconds
+        for x, y in self.data.train.batches(state.epoch, start_step=state.step_in_epoch):
+            if not self.train_step(x, y, state, meter):
+                continue  # gradients half accumulated: no callbacks, no stop
+            for callback in self.callbacks:
+                callback.on_step_end(state, {})
+            elapsed = seconds_before + time.perf_counter() - started
+            progress.step(
+                global_step=state.global_step, epoch=state.epoch + 1, lr=self.current_lr(), meter=meter, elapsed=elapsed
+            )
+            if state.global_step % CHECK_EVERY == 0:
+                self.raise_if_diverged(state)
+            if stops:
+                meter.seconds = elapsed
+                self.flush_monitor()
+                self.save_last(state, meter)
+                raise TrainingInterrupted(stops[0], self.run.path, state)
+        meter.loss()  # a device sync, so the time below is the time the work took
+        meter.seconds = seconds_before + time.perf_counter() - started
+        self.raise_if_diverged(state)  # before evaluation and checkpoints: `last` stays the good one
+
+    def evaluate(self, loader: DeviceLoader, *, confusion: bool = False) -> dict[str, Any]:
+        return evaluate(
+            self.model, loader, self.criterion, self.data.preprocessor, amp=self.amp, tta_flip=self.tta_flip,
+            num_classes=self.data.num_classes if confusion else None,
+        )  # fmt: skip
+
+    def current_lr(self) -> float:
+        return max(group["lr"] for group in self.optimizer.param_groups)  # groups may run at lr_mult or 0
+
+    def end_epoch(self, state: TrainState, meter: EpochMeter, stopper: EarlyStopping) -> dict[str, Any]:
+        """Evaluate, log both splits, let callbacks decide, write `best` and `last`."""
+        # the confusion matrix is C×C: skipped for very many classes (it would dwarf the model)
+        wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
+        val = self.evaluate(self.data.val, confusion=wanted)
+        confusion = val.pop("confusion", None)
+        epoch = state.epoch + 1
+        train_record = {
+            "epoch": epoch, "split": "train", "step": state.global_step, "loss": meter.loss(),
+            "accuracy": meter.accuracy(), "lr": self.current_lr(), "images": meter.seen,
+            "seconds": meter.seconds, "images_per_second": meter.seen / max(meter.seconds, 1e-9),
+        }  # fmt: skip
+        if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
+            probe = self.evaluate(self.eval_probe)
+            train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
+                                eval_images=self.eval_probe.num_images)  # fmt: skip
+        val_record = {"epoch": epoch, "split": "val", "step": state.global_step, **val}
+        logs = {"train_loss": train_record["loss"], "train_accuracy": train_record["accuracy"],
+                "val_loss": val["loss"], "val_accuracy": val["accuracy"]}  # fmt: skip
+        for callback in self.callbacks:
+            callback.on_eval_end(state, logs)
+        if self.tensorboard is not None:
+            self.tensorboard.write_epoch(epoch, logs)
+        self.run.append_metrics(train_record)
+        self.run.append_metrics(val_record)
+        self.run.write_metrics_csv()
+        if stopper.improved:
+            state.best_epoch = epoch
+            best_state = {"train": {**state.state_dict(), "epoch": epoch}, "metrics": logs}
+            save_checkpoint(self.run.checkpoints / "best", self.model, None, best_state)
+        for callback in self.callbacks:
+            callback.on_epoch_end(state, logs)
+        if self.monitor is not None and confusion is not None:
+            self.monitor.add_record(epoch_record(epoch, state.global_step, confusion))
+        self.flush_monitor()
+        state.epoch, state.step_in_epoch = epoch, 0
+        meter.reset()
+        self.save_last(state, meter)
+        return {
+            **logs,
+            "epoch": epoch,
+            "lr": train_record["lr"],
+            "images_per_second": train_record["images_per_second"],
+        }
