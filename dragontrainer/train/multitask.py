@@ -70,6 +70,11 @@ class TaskSet:
     def target_tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.targets.astype(np.float32 if self.multilabel else np.int64))
 
+    def describe(self) -> str:
+        if self.multilabel:
+            return f"{self.main.size} labels (multi-label, sigmoid)"
+        return ", ".join(f"{t.name} ({t.size} classes, weight {t.weight:g})" for t in self.tasks)
+
     def info(self) -> dict[str, Any]:
         """What data.json keeps, so `dragon eval` rebuilds the heads without reloading the data."""
         return {"tasks": [{"name": t.name, "classes": t.classes, "weight": t.weight, "multilabel": t.multilabel}
@@ -143,6 +148,19 @@ def main_task_images(images: ImageSet, tasks: TaskSet | None) -> ImageSet:
     main = tasks.targets[:, 0]
     return ImageSet(images.x, main, tasks.main.classes, images.flip_safe, images.notes, images.official_test,
                     images.task_labels, images.task_classes)  # fmt: skip
+
+
+def check_same_tasks(found: TaskSet | None, trained: TaskSet, origin: str) -> None:
+    """Data scored by a trained run must hold the run's tasks, with labels inside its classes."""
+    names = [t.name for t in trained.tasks]
+    if found is None or [t.name for t in found.tasks] != names or found.multilabel != trained.multilabel:
+        raise DataError(f"{origin}: the run learnt {trained.describe()}; the file does not hold those labels")
+    for t, task in enumerate(trained.tasks):
+        column = found.targets if task.multilabel else found.targets[:, t]
+        if not task.multilabel and len(column) and int(column.max()) >= task.size:
+            raise DataError(f"{origin}: task {task.name} has label {int(column.max())}; the run knows {task.size}")
+        if task.multilabel and found.targets.shape[1] != task.size:
+            raise DataError(f"{origin}: {found.targets.shape[1]} labels per image; the run learnt {task.size}")
 
 
 def check_task_recipe(recipe: Recipe, tasks: TaskSet | None) -> None:
@@ -348,3 +366,12 @@ def evaluate_tasks(
         key = "label_counts" if tasks.multilabel else "confusion"
         result[key] = confusions[0].tolist()
     return result
+
+
+def task_rows(metrics: dict[str, Any], tasks: TaskSet) -> list[dict[str, Any]]:
+    """Per class of the main task (per label for multi-label), popping the counts from `metrics`."""
+    from dragontrainer.train.class_metrics import per_class_metrics
+
+    if tasks.multilabel:
+        return multilabel_rows(torch.tensor(metrics.pop("label_counts")), tasks.main.classes)
+    return per_class_metrics(torch.tensor(metrics.pop("confusion")), tasks.main.classes)
