@@ -46,6 +46,7 @@ from dragontrainer.train.multitask import (
     create_criterion,
     evaluate_tasks,
     resolve_tasks,
+    task_data,
     task_rows,
 )
 
@@ -252,7 +253,7 @@ def evaluate_tasks_run(
     """`evaluate_run` for a multi-task or multi-label run: every task's metrics under `tasks`, the main
     task's (or, multi-label, each label's) precision/recall/F1 under `per_class`."""
     if data is None:
-        prepared = prepare_data(loaded.recipe, loaded.device)
+        prepared = task_data(prepare_data(loaded.recipe, loaded.device))
         loader, split = (prepared.test, "test") if prepared.test is not None else (prepared.val, "val")
     else:
         channels, size, _ = loaded.image_shape

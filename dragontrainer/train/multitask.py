@@ -375,3 +375,65 @@ def task_rows(metrics: dict[str, Any], tasks: TaskSet) -> list[dict[str, Any]]:
     if tasks.multilabel:
         return multilabel_rows(torch.tensor(metrics.pop("label_counts")), tasks.main.classes)
     return per_class_metrics(torch.tensor(metrics.pop("confusion")), tasks.main.classes)
+
+
+# ------------------------------------------------------------------------ what the loop calls
+
+
+def retarget(loader: Any, targets: torch.Tensor) -> Any:
+    """The same images (the same device tensor, no copy) with each image's task targets as labels; the
+    sampler still orders the epoch by the main task's labels."""
+    import copy
+
+    other = copy.copy(loader)
+    other.y = targets.to(loader.y.device)
+    return other
+
+
+def main_labels(labels: torch.Tensor) -> torch.Tensor:
+    """1-D class labels of the main task from a batch's targets (multi-label: the first true label)."""
+    if labels.ndim == 1:
+        return labels
+    return labels.argmax(1) if labels.is_floating_point() else labels[:, 0]
+
+
+class MainTaskLoss(nn.Module):
+    """The main task's loss on its slice of the logits, for what measures one task (the monitor's noise
+    batches, the diagnosis' probes)."""
+
+    def __init__(self, criterion: TaskLoss) -> None:
+        super().__init__()
+        self.criterion, self.part = criterion, criterion.slices[0]
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        tasks = self.criterion.tasks
+        if tasks.multilabel:
+            return self.criterion.sigmoid(logits, F.one_hot(labels, logits.shape[1]).to(logits.dtype))
+        if tasks.sigmoid:
+            return self.criterion.sigmoid(logits[:, self.part], labels)
+        return F.cross_entropy(logits[:, self.part], labels, label_smoothing=self.criterion.label_smoothing)
+
+
+def best_task_metrics(
+    history: list[dict[str, Any]], best_epoch: int, test: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """result.json's `tasks`: each task's validation metrics at the best epoch, and on the test split."""
+    val = [r for r in history if r.get("split") == "val" and "tasks" in r]
+    if not val:
+        return None
+    best = next((r for r in val if r["epoch"] == best_epoch), val[-1])
+    return {"val": best["tasks"], **({"test": test["tasks"]} if test and "tasks" in test else {})}
+
+
+def task_data(data: Any) -> Any:
+    """The prepared data with the loaders' labels replaced by every task's targets (what the training
+    loop and its evaluation read); the original keeps the main task's labels for the monitors and checks."""
+    if data.tasks is None:
+        return data
+    import dataclasses
+
+    targets = data.tasks.target_tensor()
+    split = data.split
+    test = None if data.test is None else retarget(data.test, targets[torch.from_numpy(split.test)])
+    return dataclasses.replace(data, train=retarget(data.train, targets[torch.from_numpy(split.train)]),
+                               val=retarget(data.val, targets[torch.from_numpy(split.val)]), test=test)  # fmt: skip

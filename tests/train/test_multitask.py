@@ -116,3 +116,76 @@ def test_resolve_tasks_by_column_and_by_name(tmp_path: Path) -> None:
 def test_task_errors_are_one_line(labels: dict, overrides: list[str], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         resolve_tasks(images_with(**labels), Recipe().with_overrides(overrides))
+
+
+def digits_tasks_npz(path: Path) -> Path:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = (digits.images[:400] * 255 / 16).round().astype(np.uint8), digits.target[:400]
+    np.savez(path, x=x, y_digit=y, y_odd=y % 2, y_ge5=(y >= 5).astype(np.int64))
+    return path
+
+
+MLP = ["model.name=mlp", "model.widths=[32]", "train.epochs=2", "schedule.warmup_epochs=0", "train.batch_size=64"]
+
+
+@pytest.mark.parametrize("sharing", ["hard", "soft"])
+def test_a_multitask_run_records_every_task_and_eval_and_doctor_read_it(tmp_path: Path, sharing: str) -> None:
+    import json
+
+    from dragontrainer import doctor, evaluate_run, train
+
+    data = digits_tasks_npz(tmp_path / "tasks.npz")
+    overrides = [*MLP, f"data.path={data}", "multitask.tasks=[digit, odd, ge5]", "multitask.weights=[1, 0.5, 0.5]",
+                 f"multitask.sharing={sharing}", "data.test_fraction=0.2", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
+    result = train(overrides=overrides, progress=False)
+    assert set(result.tasks["val"]) == set(result.tasks["test"]) == {"digit", "odd", "ge5"}
+    assert result.test_accuracy == result.tasks["test"]["digit"]["accuracy"]  # the main task at the top level
+    assert [row["class"] for row in result.per_class] == [str(c) for c in range(10)]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert set(line["tasks"]) == {"digit", "odd", "ge5"}
+    val = lines[-1]["tasks"]
+    weighted = val["digit"]["loss"] + 0.5 * (val["odd"]["loss"] + val["ge5"]["loss"])
+    assert lines[-1]["loss"] == pytest.approx(weighted, rel=1e-5)
+    scored = evaluate_run(tmp_path / "run")
+    assert scored["tasks"]["odd"]["accuracy"] == pytest.approx(result.tasks["test"]["odd"]["accuracy"])
+    assert (tmp_path / "run" / "report.html").is_file() and result.findings is not None
+    if sharing == "soft":
+        return
+    checks = doctor(overrides=overrides[:-1])  # the checks run on the main task's labels
+    assert {c.name for c in checks.checks} >= {"initial_loss", "gradient_flow", "overfit_batch"}
+
+
+def test_a_multilabel_run_scores_each_label(tmp_path: Path) -> None:
+    from dragontrainer import train
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 60, size=(96, 8, 8), dtype=np.uint8)
+    labels = rng.integers(0, 2, size=(96, 3))
+    for k in range(3):  # label k: a bright row block k, present or not (several at once)
+        x[labels[:, k] == 1, 2 * k : 2 * k + 2] += 150
+    np.savez(tmp_path / "ml.npz", x=x, y=labels, classes=np.array(["top", "middle", "bottom"]))
+    result = train(overrides=[*MLP, "train.epochs=6", f"data.path={tmp_path / 'ml.npz'}", "train.loss=sigmoid",
+                              f"run.dir={tmp_path / 'run'}", "monitor.report=false"], progress=False)  # fmt: skip
+    assert [row["class"] for row in result.per_class] == ["top", "middle", "bottom"]
+    assert result.tasks["val"]["labels"]["accuracy"] > 0.8 and "exact_match" in result.tasks["val"]["labels"]
+
+
+def test_single_task_runs_are_unchanged_by_the_task_machinery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default path must not pass through train/multitask.py's losses: the same run with the task
+    code bypassed gives bit-identical losses."""
+    import importlib
+
+    loop = importlib.import_module("dragontrainer.train.loop")
+    from dragontrainer import train
+
+    overrides = [*MLP, "monitor.report=false"]
+    first = train(overrides=[*overrides, f"run.dir={tmp_path / 'a'}"], progress=False)
+    monkeypatch.setattr(loop, "resolve_tasks", lambda images, recipe: None)
+    monkeypatch.setattr(loop, "create_criterion", lambda recipe, weights, tasks: torch.nn.CrossEntropyLoss(
+        weight=weights, label_smoothing=recipe.train.label_smoothing))  # fmt: skip
+    second = train(overrides=[*overrides, f"run.dir={tmp_path / 'b'}"], progress=False)
+    assert [(r["loss"], r["accuracy"]) for r in first.history] == [(r["loss"], r["accuracy"]) for r in second.history]
+    assert first.tasks is None
