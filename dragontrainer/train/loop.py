@@ -37,6 +37,7 @@ from dragontrainer.monitor.stats import Monitor, confusion_matrix, watched_param
 from dragontrainer.monitor.tensorboard import TensorBoardSink, create_tensorboard
 from dragontrainer.nn.init import lsuv_rescale
 from dragontrainer.nn.models import count_parameters, create_model
+from dragontrainer.nn.multitask import coupling_penalty, create_multitask_model
 from dragontrainer.nn.pretrained import load_pretrained
 from dragontrainer.optim.optimizers import base_lr, create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
@@ -63,6 +64,20 @@ from dragontrainer.train.checkpoint import (
     save_checkpoint,
 )
 from dragontrainer.train.class_metrics import per_class_metrics, summary_metrics
+from dragontrainer.train.multitask import (
+    MainTaskLoss,
+    TaskMeter,
+    TaskSet,
+    best_task_metrics,
+    check_task_recipe,
+    create_criterion,
+    evaluate_tasks,
+    main_labels,
+    main_task_images,
+    resolve_tasks,
+    task_data,
+    task_rows,
+)
 from dragontrainer.train.progress import TrainProgress
 from dragontrainer.train.snapshots import ensemble_callbacks
 from dragontrainer.train.source import adopt_source
@@ -92,6 +107,7 @@ class TrainResult:
     per_class: list[dict[str, Any]] | None = field(default=None, repr=False)
     per_class_split: str | None = None
     findings: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the diagnosis, errors first
+    tasks: dict[str, Any] | None = None  # several tasks: each task's metrics ({"val": best epoch's, "test": ...})
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -141,6 +157,7 @@ class PreparedData:
     train: DeviceLoader
     val: DeviceLoader
     test: DeviceLoader | None
+    tasks: TaskSet | None = None  # several tasks / multi-label: the loaders above hold the main task's labels
 
     @property
     def num_classes(self) -> int:
@@ -185,6 +202,9 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
     images = load_images_once(recipe.data)  # from memory when a search worker already loaded them
+    tasks = resolve_tasks(images, recipe)  # None: one label per image, the default path
+    check_task_recipe(recipe, tasks)
+    images = main_task_images(images, tasks)
     if len(np.unique(images.y)) < 2:
         raise DataError(f"{recipe.data.path or recipe.data.source}: every image has the same label; "
                         "a classifier needs at least two classes")  # fmt: skip
@@ -213,7 +233,7 @@ def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
             f"recipe field train.batch_size: {recipe.train.batch_size} leaves no full training step "
             f"({len(split.train)} training images)"
         )
-    return PreparedData(images, split, preprocessor, train, val, test)
+    return PreparedData(images, split, preprocessor, train, val, test, tasks)
 
 
 @torch.inference_mode()
@@ -354,6 +374,8 @@ class Loop:
         loss = self.criterion(logits.float(), targets)  # targets: labels, or soft targets from mixup/cutmix
         penalty = self.penalty(self.weights)
         objective = loss if penalty is None else loss + penalty
+        if (coupling := coupling_penalty(self.model)) is not None:  # soft parameter sharing
+            objective = objective + coupling
         group_start = state.step_in_epoch - state.step_in_epoch % self.accumulate_steps
         group_size = min(self.accumulate_steps, len(self.data.train) - group_start)  # the epoch's last is short
         (objective / group_size).backward()
@@ -389,7 +411,7 @@ class Loop:
         grads = [p.grad for p in self.parameters if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else self.step_loss * 0
         self.watch_for_divergence(grad_norm, state)
-        classes = torch.bincount(labels, minlength=self.data.num_classes).count_nonzero()
+        classes = torch.bincount(main_labels(labels), minlength=self.data.num_classes).count_nonzero()
         values = torch.stack([self.step_loss, grad_norm, classes.to(grad_norm.dtype)])
         self.monitor.record_step(state.global_step + 1, state.epoch + 1, self.current_lr(), values)
         self.step_loss = None
@@ -466,6 +488,9 @@ class Loop:
         self.raise_if_diverged(state)  # before evaluation and checkpoints: `last` stays the good one
 
     def evaluate(self, loader: DeviceLoader, *, confusion: bool = False) -> dict[str, Any]:
+        if self.data.tasks is not None:
+            return evaluate_tasks(self.model, loader, self.criterion, self.data.preprocessor, amp=self.amp,
+                                  num_classes=self.data.num_classes if confusion else None)  # fmt: skip
         return evaluate(
             self.model, loader, self.criterion, self.data.preprocessor, amp=self.amp, tta_flip=self.tta_flip,
             num_classes=self.data.num_classes if confusion else None,
@@ -480,14 +505,18 @@ class Loop:
         wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
         val = self.evaluate(self.data.val, confusion=wanted)
         confusion = val.pop("confusion", None)
+        val.pop("label_counts", None)
         epoch = state.epoch + 1
         train_record = {
             "epoch": epoch, "split": "train", "step": state.global_step, "loss": meter.loss(),
             "accuracy": meter.accuracy(), "lr": self.current_lr(), "images": meter.seen,
             "seconds": meter.seconds, "images_per_second": meter.seen / max(meter.seconds, 1e-9),
         }  # fmt: skip
+        if isinstance(meter, TaskMeter):
+            train_record["tasks"] = meter.task_metrics()
         if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
             probe = self.evaluate(self.eval_probe)
+            probe.pop("tasks", None)
             train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
                                 eval_images=self.eval_probe.num_images)  # fmt: skip
         val_record = {"epoch": epoch, "split": "val", "step": state.global_step, **val}
@@ -600,7 +629,12 @@ def fit(
         save_augmented_samples(run, data, augment, recipe.seed)
     check_model_fits(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size,
                      batch_size=recipe.train.batch_size, device=device)  # fmt: skip
-    model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
+    if data.tasks is None:
+        model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size)
+    else:
+        model = create_multitask_model(recipe.model, recipe.multitask, in_channels=channels,
+                                       task_sizes=data.tasks.sizes, image_size=size)  # fmt: skip
+    model = model.to(device)
     if recipe.model.weights is not None and not resume:
         loaded = load_pretrained(model, recipe.model.weights)
         message = f"weights from {text(recipe.model.weights)}: {text(loaded.report())}"
@@ -632,10 +666,9 @@ def fit(
     )
     weights = class_weights(loss_class_weights(recipe), data.images.y[data.split.train], data.num_classes)
     # data.json is what eval/predict need without reloading the data, the loss weights included
-    run.write_json("data.json", {**data.info(), "class_weights": None if weights is None else weights.tolist()})
-    criterion = nn.CrossEntropyLoss(
-        weight=None if weights is None else weights.to(device), label_smoothing=recipe.train.label_smoothing
-    )
+    run.write_json("data.json", {**data.info(), "class_weights": None if weights is None else weights.tolist(),
+                                 **(data.tasks.info() if data.tasks else {})})  # fmt: skip
+    criterion = create_criterion(recipe, None if weights is None else weights.to(device), data.tasks).to(device)
     stopper = EarlyStopping(recipe.train.early_stopping)
     if recipe.schedule.name == "plateau":
         callbacks = [ReduceOnPlateau(recipe.schedule), *callbacks]
@@ -645,16 +678,18 @@ def fit(
     callbacks = [*callbacks, *ensemble_callbacks(recipe, model, run.checkpoints, data, steps_per_epoch)]
     if (switch := switch_epoch(recipe.data, recipe.train.epochs)) is not None:
         callbacks = [TwoStageSwitch(optimizer, model, switch, console), *callbacks]
-    monitor = create_monitor(recipe, run, model, data, criterion, steps_per_epoch, resume=resume)
+    loop_data = task_data(data)  # several tasks: the loop's loaders carry every task's targets
+    one_task = criterion if data.tasks is None else MainTaskLoss(criterion)  # monitors measure the main task
+    monitor = create_monitor(recipe, run, model, data, one_task, steps_per_epoch, resume=resume)
     loop = Loop(
         run, model, optimizer, lr_factor, criterion, augment,
-        torch.Generator(device).manual_seed(recipe.seed + 1), data,
+        torch.Generator(device).manual_seed(recipe.seed + 1), loop_data,
         autocast_dtype(recipe.train.amp, device), [stopper, *callbacks], recipe.regularize,
         accumulate, recipe.augment.tta_flip, base_lr(recipe.optim), recipe.monitor, monitor, console,
         create_tensorboard(recipe.monitor, run),
-        eval_probe=probe_loader(data.train, recipe.train.eval_batch_size) if monitor is not None else None,
+        eval_probe=probe_loader(loop_data.train, recipe.train.eval_batch_size) if monitor is not None else None,
     )  # fmt: skip
-    state, meter = TrainState(), EpochMeter(device)
+    state, meter = TrainState(), EpochMeter(device) if data.tasks is None else TaskMeter(device, criterion)
     if resume:
         loop.restore(state, meter)
         if extended_from is not None:
@@ -733,7 +768,9 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
     if use_test:
         test = scored
     per_class = None
-    if confusion:
+    if loop.data.tasks is not None:
+        per_class = task_rows(scored, loop.data.tasks)
+    elif confusion:
         per_class = per_class_metrics(torch.tensor(scored.pop("confusion")), loop.data.images.classes)
     result = TrainResult(
         run_dir=loop.run.path,
@@ -755,9 +792,10 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         per_class=per_class,
         per_class_split="test" if test else "val",
         history=history,
+        tasks=None if loop.data.tasks is None else best_task_metrics(history, state.best_epoch, test),
     )
     loop.run.write_json("result.json", result.summary())
-    if loop.monitor is not None:
+    if loop.monitor is not None and loop.data.tasks is None:  # confident learning reads one softmax head
         write_label_noise(loop, recipe, state)
     if recipe.monitor.report:  # the report puts its findings into result.json too (findings.json's copy)
         result.findings = report_run(loop.run, loop.console or Console(stderr=True, quiet=True))
