@@ -25,9 +25,7 @@ TASKS = "multitask.tasks=[digit, odd, ge5]"
 METHODS = {
     "single task (digit only)": [],
     "hard sharing, 3 tasks": [TASKS],
-    "hard sharing, aux weight 0.3": [TASKS, "multitask.weights=[1, 0.3, 0.3]"],
     "soft sharing, λ=1e-3": [TASKS, "multitask.sharing=soft", "multitask.soft_strength=1e-3"],
-    "soft sharing, λ=1e-2": [TASKS, "multitask.sharing=soft", "multitask.soft_strength=1e-2"],
 }
 
 
