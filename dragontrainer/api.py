@@ -25,6 +25,7 @@ from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
 from dragontrainer.data.sources import convert_color, decode_image, load_images
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.nn.models import create_model
+from dragontrainer.nn.multitask import create_multitask_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir
 from dragontrainer.run_files import DataInfo, read_json, read_tensors
@@ -34,6 +35,15 @@ from dragontrainer.train.class_metrics import per_class_metrics
 from dragontrainer.train.device import resolve_device
 from dragontrainer.train.evaluate import evaluate
 from dragontrainer.train.loop import fit
+from dragontrainer.train.multitask import (
+    TaskSet,
+    check_same_tasks,
+    create_criterion,
+    evaluate_tasks,
+    resolve_tasks,
+    task_data,
+    task_rows,
+)
 from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted, TrainResult
 
 
@@ -154,11 +164,12 @@ class LoadedRun:
     image_shape: tuple[int, int, int]
     device: torch.device
     class_weights: list[float] | None = None
+    tasks: TaskSet | None = None  # several tasks or a multi-label target (train/multitask.py)
 
     def criterion(self) -> nn.Module:
         """The training loss, class weights and label smoothing included, so eval losses compare."""
         weight = None if self.class_weights is None else torch.tensor(self.class_weights, device=self.device)
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.recipe.train.label_smoothing)
+        return create_criterion(self.recipe, weight, self.tasks).to(self.device)
 
 
 def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
@@ -174,7 +185,12 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
         raise RunError(f"{run.path}: no checkpoint yet (neither best nor last)")
     torch_device = resolve_device(device)
     channels, size, _ = info["image_shape"]
-    model = create_model(recipe.model, in_channels=channels, num_classes=len(info["classes"]), image_size=size)
+    tasks = TaskSet.from_info(info) if info.get("tasks") else None
+    if tasks is not None:
+        model = create_multitask_model(recipe.model, recipe.multitask, in_channels=channels, task_sizes=tasks.sizes,
+                                       image_size=size)  # fmt: skip
+    else:
+        model = create_model(recipe.model, in_channels=channels, num_classes=len(info["classes"]), image_size=size)
     model = model.to(torch_device)
     load_model_weights(folder, model)
     model.eval()
@@ -182,7 +198,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
     preprocessor.load_state_dict(read_tensors(run.file("preprocess.safetensors")))
     return LoadedRun(
         run, recipe, model, preprocessor, info["classes"], tuple(info["image_shape"]), torch_device,
-        info.get("class_weights"),
+        info.get("class_weights"), tasks,
     )  # fmt: skip
 
 
@@ -196,6 +212,8 @@ def evaluate_run(
         return evaluate_ensemble(run_dir, data, source=source, part=part)
     loaded = load_run(run_dir)
     criterion = loaded.criterion()
+    if loaded.tasks is not None:
+        return evaluate_tasks_run(loaded, criterion, data, source=source, part=part)
     if data is None:
         prepared = prepare_data(loaded.recipe, loaded.device)
         loader, split = (prepared.test, "test") if prepared.test is not None else (prepared.val, "val")
@@ -223,6 +241,32 @@ def evaluate_run(
     )  # fmt: skip
     metrics["per_class"] = per_class_metrics(torch.tensor(metrics.pop("confusion")), loaded.classes)
     return {"run_dir": str(loaded.run.path), "data": str(path), "images": len(images.y), **metrics}
+
+
+def evaluate_tasks_run(
+    loaded: LoadedRun, criterion: nn.Module, data: str | Path | None, *, source: str | None, part: str
+) -> dict[str, Any]:
+    """`evaluate_run` for a multi-task or multi-label run: every task's metrics under `tasks`, the main
+    task's (or, multi-label, each label's) precision/recall/F1 under `per_class`."""
+    if data is None:
+        prepared = task_data(prepare_data(loaded.recipe, loaded.device))
+        loader, split = (prepared.test, "test") if prepared.test is not None else (prepared.val, "val")
+    else:
+        channels, size, _ = loaded.image_shape
+        spec = loaded.recipe.data.model_copy(
+            update={"source": source or "auto", "path": Path(data), "part": part, "image_size": size,
+                    "color": "gray" if channels == 1 else "rgb", "class_names": None}
+        )  # fmt: skip
+        images = load_images(spec)
+        tasks = resolve_tasks(images, loaded.recipe.model_copy(update={"data": spec}))
+        check_same_tasks(tasks, loaded.tasks, str(data))  # type: ignore[arg-type]
+        x = torch.from_numpy(images.x).to(loaded.device)
+        loader = DeviceLoader(x, tasks.target_tensor().to(loaded.device), loaded.recipe.train.eval_batch_size,
+                              shuffle=False)  # fmt: skip
+        split = str(data)
+    metrics = evaluate_tasks(loaded.model, loader, criterion, loaded.preprocessor, num_classes=1)
+    metrics["per_class"] = task_rows(metrics, loaded.tasks)  # type: ignore[arg-type]
+    return {"run_dir": str(loaded.run.path), "data": split, "images": loader.num_images, **metrics}
 
 
 @dataclass
@@ -281,7 +325,9 @@ def predict(run_dir: str | Path, files: Sequence[str | Path], *, top_k: int = 3)
             inputs = loaded.preprocessor.apply(x.to(loaded.device))
             model = loaded.model
             logits = flip_averaged_logits(model, inputs) if loaded.recipe.augment.tta_flip else model(inputs)
-            probabilities = torch.softmax(logits.float(), dim=1).cpu()
+            logits = logits if loaded.tasks is None else logits[:, loaded.tasks.slices()[0]]  # the main task
+            sigmoid = loaded.recipe.train.loss == "sigmoid"  # independent per-class probabilities
+            probabilities = (torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), dim=1)).cpu()
         for path, row in zip(batch, probabilities, strict=True):
             values, indices = row.topk(k)
             top = [(loaded.classes[i], float(v)) for v, i in zip(values, indices, strict=True)]

@@ -484,6 +484,9 @@ class TrainSpec(Section):
     weight_average: Literal["none", "swa", "ema"] = "none"  # an averaged copy of the weights in checkpoints/<name>/
     swa_start: float = Field(0.75, ge=0, lt=1)  # swa: average the weights at the end of epochs after this fraction
     ema_decay: float = Field(0.99, gt=0, lt=1)  # ema: w ← d·w + (1−d)·w_now per step (d warmed up)
+    # softmax: cross-entropy over the classes; sigmoid: one binary cross-entropy per class (one-vs-rest), for
+    # binary targets and multi-label targets (a 0/1 matrix per image)
+    loss: Literal["softmax", "sigmoid"] = "softmax"
 
     _amp_switch = field_validator("amp", mode="before")(lambda v: yaml_switch(v))
 
@@ -551,6 +554,26 @@ class TransferSpec(Section):
     source: Path | None = None  # the run preprocessing and class names come from; None: model.weights if a run
 
 
+class MultitaskSpec(Section):
+    """Several label columns learnt at once (train/multitask.py): `tasks` names them, the first is the main
+    task (early stopping, the diagnosis and the confusion matrix use it)."""
+
+    tasks: list[str] = []  # npz `y` N×T: the names of its columns; named arrays `y_<task>`: which, in order
+    weights: list[float] = []  # loss weight per task (default 1 each): loss = Σ w_t · loss_t
+    sharing: Literal["hard", "soft"] = "hard"  # hard: one trunk, one head per task; soft: one tower per task
+    soft_strength: float = Field(1e-3, ge=0)  # soft: λ·Σ_{t<u} ‖θ_t − θ_u‖² between corresponding tower weights
+
+    @model_validator(mode="after")
+    def _weights_per_task(self) -> MultitaskSpec:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct names, got {self.tasks}")
+        if self.weights and len(self.weights) != len(self.tasks):
+            raise ValueError(f"weights: {len(self.weights)} weight(s) for {len(self.tasks)} task(s) {self.tasks}")
+        if self.weights and (min(self.weights) < 0 or max(self.weights) == 0):
+            raise ValueError(f"weights must be non-negative and not all zero, got {self.weights}")
+        return self
+
+
 class RunSpec(Section):
     """Where the run folder goes."""
 
@@ -574,6 +597,7 @@ class Recipe(Section):
     monitor: MonitorSpec = MonitorSpec()
     run: RunSpec = RunSpec()
     transfer: TransferSpec = TransferSpec()
+    multitask: MultitaskSpec = MultitaskSpec()
 
     @model_validator(mode="after")
     def _warmup_shorter_than_run(self) -> Recipe:

@@ -18,6 +18,7 @@ from dragontrainer.data.split import Split, split_for
 from dragontrainer.errors import DataError, RecipeError
 from dragontrainer.recipe import Recipe
 from dragontrainer.train.balance import switch_epoch
+from dragontrainer.train.multitask import TaskSet, check_task_recipe, main_task_images, resolve_tasks
 
 
 @dataclass
@@ -30,6 +31,7 @@ class PreparedData:
     train: DeviceLoader
     val: DeviceLoader
     test: DeviceLoader | None
+    tasks: TaskSet | None = None  # several tasks / multi-label: the loaders above hold the main task's labels
 
     @property
     def num_classes(self) -> int:
@@ -49,6 +51,9 @@ class PreparedData:
 
 def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
     images = load_images_once(recipe.data)  # from memory when a search worker already loaded them
+    tasks = resolve_tasks(images, recipe)  # None: one label per image, the default path
+    check_task_recipe(recipe, tasks)
+    images = main_task_images(images, tasks)
     if len(np.unique(images.y)) < 2:
         raise DataError(f"{recipe.data.path or recipe.data.source}: every image has the same label; "
                         "a classifier needs at least two classes")  # fmt: skip
@@ -77,4 +82,4 @@ def prepare_data(recipe: Recipe, device: torch.device) -> PreparedData:
             f"recipe field train.batch_size: {recipe.train.batch_size} leaves no full training step "
             f"({len(split.train)} training images)"
         )
-    return PreparedData(images, split, preprocessor, train, val, test)
+    return PreparedData(images, split, preprocessor, train, val, test, tasks)

@@ -36,6 +36,10 @@ class ImageSet:
     flip_safe: bool = True  # False where a mirrored image means something else (digits, letters)
     notes: list[str] = field(default_factory=list)  # what loading inferred or skipped, told to the user once
     official_test: np.ndarray | None = None  # MNIST/CIFAR: True for images of the official test files
+    # npz label arrays beyond one label per image: "y" -> an N×T matrix (T columns), "<task>" -> the N labels
+    # of array y_<task>; `y` above is then the first column (or the first y_<task>) for the split
+    task_labels: dict[str, np.ndarray] | None = None
+    task_classes: dict[str, list[str]] | None = None  # npz classes_<task>: class names of a named task
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -107,7 +111,7 @@ def finish(images: ImageSet, spec: DataSpec, origin: str) -> ImageSet:
         x = resize_uint8(x, size)
     x = convert_color(x, spec.color)
     return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), classes, images.flip_safe, images.notes,
-                    images.official_test)  # fmt: skip
+                    images.official_test, images.task_labels, images.task_classes)  # fmt: skip
 
 
 def resize_uint8(x: np.ndarray, size: int) -> np.ndarray:
@@ -200,15 +204,17 @@ def auto(spec: DataSpec) -> ImageSet:
 
 @SOURCES.register("npz")
 def npz(spec: DataSpec) -> ImageSet:
-    """A NumPy .npz with `x` (N×H×W or N×H×W×C, uint8 or float) and `y` (N ints); optional `classes`."""
+    """A NumPy .npz with `x` (N×H×W or N×H×W×C, uint8 or float) and `y` (N ints); optional `classes`.
+    Several labels per image: `y` as an N×T matrix, or named arrays `y_<task>` (see `read_task_labels`)."""
     path = spec.path
     assert path is not None
     with path.open("rb") as handle:
         if handle.read(4) != b"PK\x03\x04":  # an .npz is a zip archive of .npy files
             raise DataError(f"{path}: not a readable .npz file (expected a zip archive written by numpy.savez)")
     arrays = read_npz(path)
+    named_tasks = [key for key in arrays if key.startswith("y_")]
     for key in ("x", "y"):
-        if key not in arrays:
+        if key not in arrays and not (key == "y" and named_tasks):
             raise DataError(f"{path}: missing array {key!r} (found: {', '.join(sorted(arrays)) or 'none'})")
     x = arrays["x"]
     if x.ndim == 3:
@@ -218,10 +224,40 @@ def npz(spec: DataSpec) -> ImageSet:
     else:
         raise DataError(f"{path}: x must be N×H×W or N×H×W×C with C in (1, 3), got shape {x.shape}")
     x = pixels_to_uint8(x, f"{path}: x")
-    y = labels_from_array(arrays["y"], f"{path}: y")
-    named = "classes" in arrays
+    task_labels = read_task_labels(arrays, len(x), path)
+    if task_labels is None:
+        y = labels_from_array(arrays["y"], f"{path}: y")
+    else:  # the split is stratified on the first column (or the first named task)
+        first = next(iter(task_labels.values()))
+        y = first if first.ndim == 1 else first[:, 0]
+    named = "classes" in arrays and (task_labels is None or "y" in task_labels)
     classes = [str(c) for c in arrays["classes"].tolist()] if named else numbered_classes(y, f"{path}: y")
-    return ImageSet(x, y, classes)
+    task_classes = {key[len("classes_") :]: [str(c) for c in arrays[key].tolist()]
+                    for key in arrays if key.startswith("classes_")}  # fmt: skip
+    return ImageSet(x, y, classes, task_labels=task_labels, task_classes=task_classes or None)
+
+
+def read_task_labels(arrays: dict[str, np.ndarray], num_images: int, path: Path) -> dict[str, np.ndarray] | None:
+    """Labels beyond one per image: `y` as an N×T integer matrix (T label columns, or a 0/1 multi-label
+    matrix) and/or named arrays `y_<task>` of N integer labels each. None for a plain 1-D `y`."""
+    named = {key[2:]: value for key, value in arrays.items() if key.startswith("y_")}
+    if not named and ("y" not in arrays or np.ndim(arrays["y"]) == 1):
+        return None
+    tasks: dict[str, np.ndarray] = {}
+    if "y" in arrays:
+        y = np.asarray(arrays["y"])
+        if y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] == 0):
+            raise DataError(f"{path}: y must be N labels or an N×T matrix of labels, got shape {y.shape}")
+        tasks["y"] = labels_from_array(y.reshape(-1), f"{path}: y").reshape(y.shape)
+    for name, labels in named.items():
+        if not name:
+            raise DataError(f"{path}: array 'y_' has no task name (name label arrays y_<task>, e.g. y_parity)")
+        tasks[name] = labels_from_array(labels, f"{path}: y_{name}")
+    for name, labels in tasks.items():
+        if len(labels) != num_images:
+            array = "y" if name == "y" else f"y_{name}"
+            raise DataError(f"{path}: {array} holds {len(labels)} labels but x holds {num_images} images")
+    return tasks
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

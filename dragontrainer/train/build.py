@@ -18,6 +18,7 @@ from dragontrainer.data.prepare import PreparedData
 from dragontrainer.monitor.mlflow import create_mlflow
 from dragontrainer.nn.init import lsuv_rescale
 from dragontrainer.nn.models import create_model
+from dragontrainer.nn.multitask import create_multitask_model
 from dragontrainer.nn.pretrained import load_pretrained
 from dragontrainer.optim.optimizers import create_optimizer, effective_lr
 from dragontrainer.optim.param_groups import build_param_groups
@@ -33,6 +34,7 @@ from dragontrainer.resources import check_model_fits
 from dragontrainer.run import RunDir
 from dragontrainer.train.balance import TwoStageSwitch, loss_class_weights, switch_epoch, with_rare_class_boost
 from dragontrainer.train.callbacks import Callback, ReduceOnPlateau
+from dragontrainer.train.multitask import create_criterion
 from dragontrainer.train.setup import class_weights
 from dragontrainer.train.snapshots import ensemble_callbacks
 
@@ -58,7 +60,12 @@ def build_model(
     channels, size, _ = data.images.image_shape
     check_model_fits(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size,
                      batch_size=recipe.train.batch_size, device=device)  # fmt: skip
-    model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
+    if data.tasks is None:
+        model = create_model(recipe.model, in_channels=channels, num_classes=data.num_classes, image_size=size)
+    else:
+        model = create_multitask_model(recipe.model, recipe.multitask, in_channels=channels,
+                                       task_sizes=data.tasks.sizes, image_size=size)  # fmt: skip
+    model = model.to(device)
     if recipe.model.weights is not None and not resume:
         loaded = load_pretrained(model, recipe.model.weights)
         message = f"weights from {text(recipe.model.weights)}: {text(loaded.report())}"
@@ -95,10 +102,9 @@ def build_optimizer(recipe: Recipe, model: nn.Module, run: RunDir, console: Cons
 
 
 def build_criterion(recipe: Recipe, data: PreparedData, device: torch.device) -> nn.Module:
+    """Cross-entropy (class-weighted, label-smoothed), sigmoid BCE, or the weighted sum over tasks."""
     weights = loss_weights(recipe, data)
-    return nn.CrossEntropyLoss(
-        weight=None if weights is None else weights.to(device), label_smoothing=recipe.train.label_smoothing
-    )
+    return create_criterion(recipe, None if weights is None else weights.to(device), data.tasks).to(device)
 
 
 def loss_weights(recipe: Recipe, data: PreparedData) -> torch.Tensor | None:

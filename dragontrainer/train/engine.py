@@ -19,6 +19,7 @@ from dragontrainer.data.prepare import PreparedData
 from dragontrainer.errors import RunError
 from dragontrainer.monitor.stats import Monitor
 from dragontrainer.monitor.tensorboard import TensorBoardSink
+from dragontrainer.nn.multitask import coupling_penalty
 from dragontrainer.optim.regularizers import clip_gradients, create_penalty, project_max_norm
 from dragontrainer.optim.schedules import LrFactor
 from dragontrainer.recipe import MonitorSpec, RegularizeSpec
@@ -31,6 +32,7 @@ from dragontrainer.train.checkpoint import (
     save_checkpoint,
 )
 from dragontrainer.train.evaluate import MAX_CONFUSION_CLASSES, epoch_record, evaluate
+from dragontrainer.train.multitask import TaskMeter, evaluate_tasks, main_labels
 from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted
 from dragontrainer.train.progress import TrainProgress
 from dragontrainer.train.state import EpochMeter, TrainState, capture_rng, restore_rng
@@ -113,6 +115,8 @@ class Loop:
         loss = self.criterion(logits.float(), targets)  # targets: labels, or soft targets from mixup/cutmix
         penalty = self.penalty(self.weights)
         objective = loss if penalty is None else loss + penalty
+        if (coupling := coupling_penalty(self.model)) is not None:  # soft parameter sharing
+            objective = objective + coupling
         group_start = state.step_in_epoch - state.step_in_epoch % self.accumulate_steps
         group_size = min(self.accumulate_steps, len(self.data.train) - group_start)  # the epoch's last is short
         (objective / group_size).backward()
@@ -148,7 +152,7 @@ class Loop:
         grads = [p.grad for p in self.parameters if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else self.step_loss * 0
         self.watch_for_divergence(grad_norm, state)
-        classes = torch.bincount(labels, minlength=self.data.num_classes).count_nonzero()
+        classes = torch.bincount(main_labels(labels), minlength=self.data.num_classes).count_nonzero()
         values = torch.stack([self.step_loss, grad_norm, classes.to(grad_norm.dtype)])
         self.monitor.record_step(state.global_step + 1, state.epoch + 1, self.current_lr(), values)
         self.step_loss = None
@@ -225,6 +229,9 @@ class Loop:
         self.raise_if_diverged(state)  # before evaluation and checkpoints: `last` stays the good one
 
     def evaluate(self, loader: DeviceLoader, *, confusion: bool = False) -> dict[str, Any]:
+        if self.data.tasks is not None:
+            return evaluate_tasks(self.model, loader, self.criterion, self.data.preprocessor, amp=self.amp,
+                                  num_classes=self.data.num_classes if confusion else None)  # fmt: skip
         return evaluate(
             self.model, loader, self.criterion, self.data.preprocessor, amp=self.amp, tta_flip=self.tta_flip,
             num_classes=self.data.num_classes if confusion else None,
@@ -239,14 +246,18 @@ class Loop:
         wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
         val = self.evaluate(self.data.val, confusion=wanted)
         confusion = val.pop("confusion", None)
+        val.pop("label_counts", None)
         epoch = state.epoch + 1
         train_record = {
             "epoch": epoch, "split": "train", "step": state.global_step, "loss": meter.loss(),
             "accuracy": meter.accuracy(), "lr": self.current_lr(), "images": meter.seen,
             "seconds": meter.seconds, "images_per_second": meter.seen / max(meter.seconds, 1e-9),
         }  # fmt: skip
+        if isinstance(meter, TaskMeter):
+            train_record["tasks"] = meter.task_metrics()
         if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
             probe = self.evaluate(self.eval_probe)
+            probe.pop("tasks", None)
             train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
                                 eval_images=self.eval_probe.num_images)  # fmt: skip
         val_record = {"epoch": epoch, "split": "val", "step": state.global_step, **val}

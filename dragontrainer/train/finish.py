@@ -19,6 +19,7 @@ from dragontrainer.train.checkpoint import (
 from dragontrainer.train.class_metrics import per_class_metrics
 from dragontrainer.train.engine import Loop
 from dragontrainer.train.evaluate import MAX_CONFUSION_CLASSES
+from dragontrainer.train.multitask import best_task_metrics, task_rows
 from dragontrainer.train.outcomes import TrainResult
 from dragontrainer.train.state import TrainState
 
@@ -38,7 +39,9 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
     if use_test:
         test = scored
     per_class = None
-    if confusion:
+    if loop.data.tasks is not None:
+        per_class = task_rows(scored, loop.data.tasks)
+    elif confusion:
         per_class = per_class_metrics(torch.tensor(scored.pop("confusion")), loop.data.images.classes)
     result = TrainResult(
         run_dir=loop.run.path,
@@ -60,9 +63,10 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
         per_class=per_class,
         per_class_split="test" if test else "val",
         history=history,
+        tasks=None if loop.data.tasks is None else best_task_metrics(history, state.best_epoch, test),
     )
     loop.run.write_json("result.json", result.summary())
-    if loop.monitor is not None:
+    if loop.monitor is not None and loop.data.tasks is None:  # confident learning reads one softmax head
         write_label_noise(loop, recipe, state)
     if recipe.monitor.report:  # the report puts its findings into result.json too (findings.json's copy)
         result.findings = report_run(loop.run, loop.console or Console(stderr=True, quiet=True))

@@ -38,6 +38,7 @@ from dragontrainer.train.callbacks import Callback, EarlyStopping
 from dragontrainer.train.device import configure_determinism, resolve_device
 from dragontrainer.train.engine import Loop
 from dragontrainer.train.finish import finish, report_run
+from dragontrainer.train.multitask import MainTaskLoss, TaskMeter, task_data
 from dragontrainer.train.outcomes import TrainingDiverged, TrainResult, stop_requests
 from dragontrainer.train.precision import autocast_dtype
 from dragontrainer.train.progress import TrainProgress
@@ -86,24 +87,27 @@ def fit(
     )
     weights = loss_weights(recipe, data)
     # data.json is what eval/predict need without reloading the data, the loss weights included
-    run.write_json("data.json", {**data.info(), "class_weights": None if weights is None else weights.tolist()})
+    run.write_json("data.json", {**data.info(), "class_weights": None if weights is None else weights.tolist(),
+                                 **(data.tasks.info() if data.tasks else {})})  # fmt: skip
     criterion = build_criterion(recipe, data, device)
     stopper = EarlyStopping(recipe.train.early_stopping)
     callbacks = build_callbacks(
         recipe, run=run, model=model, optimizer=optimisation.optimizer, data=data, steps_per_epoch=steps_per_epoch,
         console=console, user=callbacks,
     )  # fmt: skip
-    monitor = create_monitor(recipe, run, model, data, criterion, steps_per_epoch, resume=resume)
+    loop_data = task_data(data)  # several tasks: the loop's loaders carry every task's targets
+    one_task = criterion if data.tasks is None else MainTaskLoss(criterion)  # monitors measure the main task
+    monitor = create_monitor(recipe, run, model, data, one_task, steps_per_epoch, resume=resume)
     loop = Loop(
         run=run, model=model, optimizer=optimisation.optimizer, lr_factor=lr_factor, criterion=criterion,
-        augment=augment, augment_generator=torch.Generator(device).manual_seed(recipe.seed + 1), data=data,
+        augment=augment, augment_generator=torch.Generator(device).manual_seed(recipe.seed + 1), data=loop_data,
         amp=autocast_dtype(recipe.train.amp, device), callbacks=[stopper, *callbacks], regularize=recipe.regularize,
         accumulate_steps=recipe.train.accumulate_steps, tta_flip=recipe.augment.tta_flip,
         recipe_lr=base_lr(recipe.optim), monitor_spec=recipe.monitor, monitor=monitor, console=console,
         tensorboard=create_tensorboard(recipe.monitor, run),
-        eval_probe=probe_loader(data.train, recipe.train.eval_batch_size) if monitor is not None else None,
+        eval_probe=probe_loader(loop_data.train, recipe.train.eval_batch_size) if monitor is not None else None,
     )  # fmt: skip
-    state, meter = TrainState(), EpochMeter(device)
+    state, meter = TrainState(), EpochMeter(device) if data.tasks is None else TaskMeter(device, criterion)
     if resume:
         loop.restore(state, meter)
         if extended_from is not None:

@@ -38,6 +38,7 @@ class TrainResult:
     per_class: list[dict[str, Any]] | None = field(default=None, repr=False)
     per_class_split: str | None = None
     findings: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the diagnosis, errors first
+    tasks: dict[str, Any] | None = None  # several tasks: each task's metrics ({"val": best epoch's, "test": ...})
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:

@@ -222,3 +222,42 @@ def test_official_test_files_become_the_test_split(tmp_path: Path, kind: str) ->
     assert len(split.train) + len(split.val) == train_count and not set(split.val) & set(split.test)
     only_train = load_images(spec(source, root, part="train"))
     assert only_train.official_test is None and len(only_train.y) == train_count
+
+
+# ------------------------------------------------------------------ several labels per image (multi-task)
+
+
+def task_npz(path: Path, **labels: np.ndarray) -> Path:
+    x = np.random.default_rng(0).integers(0, 255, size=(12, 6, 6), dtype=np.uint8)
+    np.savez(path, x=x, **labels)
+    return path
+
+
+def test_npz_label_matrix_and_named_label_arrays_are_read(tmp_path: Path) -> None:
+    y = np.stack([np.arange(12) % 3, np.arange(12) % 2], axis=1)
+    images = load_images(spec("npz", task_npz(tmp_path / "m.npz", y=y)))
+    assert images.task_labels is not None and images.task_labels["y"].shape == (12, 2)
+    assert images.y.tolist() == y[:, 0].tolist() and images.classes == ["0", "1", "2"]  # split on column 0
+    named = load_images(spec("npz", task_npz(tmp_path / "n.npz", y_digit=y[:, 0], y_odd=y[:, 1].astype(float),
+                                             classes_odd=np.array(["even", "odd"]))))  # fmt: skip
+    assert list(named.task_labels) == ["digit", "odd"] and named.task_labels["odd"].dtype == np.int64
+    assert named.y.tolist() == y[:, 0].tolist() and named.task_classes == {"odd": ["even", "odd"]}
+    plain = load_images(spec("npz", make_npz(tmp_path / "plain.npz")))
+    assert plain.task_labels is None  # one label per image: the single-task path, untouched
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ({"y": np.zeros((12, 2, 2), dtype=int)}, "y must be N labels or an N×T matrix"),
+        ({"y_a": np.arange(12) % 2, "y_b": np.arange(11) % 2}, "y_b holds 11 labels but x holds 12 images"),
+        ({"y": np.stack([np.arange(12) % 2] * 2, 1)[:10]}, "y holds 10 labels but x holds 12 images"),
+        ({"y": np.full((12, 2), 0.5)}, "y: labels must be whole numbers"),
+        ({"y_a": np.arange(12) % 2, "y_b": np.full(12, 1.5)}, "y_b: labels must be whole numbers"),
+        ({"y_": np.arange(12) % 2}, "array 'y_' has no task name"),
+    ],
+)
+def test_bad_task_labels_are_one_line_errors(tmp_path: Path, labels: dict[str, np.ndarray], message: str) -> None:
+    with pytest.raises(DataError, match=message) as caught:
+        load_images(spec("npz", task_npz(tmp_path / "bad.npz", **labels)))
+    assert "\n" not in str(caught.value)

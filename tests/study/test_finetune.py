@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +95,33 @@ def test_a_torchvision_layout_weights_file_is_a_source(tmp_path: Path) -> None:
     assert {p["features"] for p in result.probes} == {"blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"}
     groups = json.loads((tmp_path / "rn" / "stages" / "full" / "param_groups.json").read_text())["groups"]
     assert {g["pattern"]: g["lr_mult"] for g in groups}["stem"] == pytest.approx(0.1)
+
+
+def test_sigkill_then_the_same_command_reuses_the_finished_stage(tmp_path: Path, source: Path) -> None:
+    """A real `kill -9` of `dragon finetune` once the first stage has finished and the second is under way:
+    the same command completes the study, reading the first stage back instead of training it again."""
+    out = tmp_path / "study"
+    longer = ["train.epochs=20", "train.early_stopping.patience=null"]  # a second stage long enough to be killed in
+    command = [sys.executable, "-m", "dragontrainer.cli", "finetune", str(source), *target(tmp_path), *longer,
+               "--strategy", "top", "--out", str(out), "--quiet", "--json"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    linear, top = out / "stages" / "linear", out / "stages" / "top"
+    deadline = time.time() + 300
+    while not (top / "checkpoints").is_dir() or not any((top / "checkpoints").iterdir()):
+        assert victim.poll() is None, f"finetune ended before the kill: {victim.communicate()[1].decode()}"
+        assert time.time() < deadline, "the second stage never wrote a checkpoint"
+        time.sleep(0.02)
+    victim.kill()  # SIGKILL: no handler runs, nothing is flushed
+    victim.wait()
+    assert victim.returncode == -9 and (linear / "result.json").is_file() and not (top / "result.json").exists()
+    linear_result = (linear / "result.json").read_bytes()
+    linear_metrics = (linear / "metrics.jsonl").read_bytes()
+    finished = subprocess.run(command, capture_output=True, env=env, timeout=600)
+    assert finished.returncode == 0, finished.stderr.decode()
+    summary = json.loads(finished.stdout.decode().strip().splitlines()[-1])
+    assert summary["strategy"] == "top" and (top / "result.json").is_file()
+    assert (linear / "result.json").read_bytes() == linear_result  # the finished stage was read, not retrained
+    assert (linear / "metrics.jsonl").read_bytes() == linear_metrics
+    epochs = [r["epoch"] for r in map(json.loads, (top / "metrics.jsonl").read_text().splitlines())]
+    assert epochs == sorted(epochs) and epochs[-1] == 20 and len(epochs) == 2 * len(set(epochs))  # none twice
