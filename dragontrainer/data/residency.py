@@ -1,0 +1,119 @@
+"""Where the training images live, decided in one place (`choose_residency`):
+
+- device: each split is one uint8 tensor on the device, batches are slices of it (data/loader.py);
+- stream: the images stay on disk in the decoded cache (image folders, data/cache.py) or in host memory
+  (the other sources, which their readers load whole), and a background thread reads each batch
+  (data/stream.py).
+
+`data.resident: auto` keeps the images resident when their decoded size takes at most RESIDENT_SHARE
+of the memory available (host memory on CPU, which then holds them twice: decoded and split; device
+memory on CUDA), else streams; the choice and its reason are printed and written to data.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from dragontrainer.data.cache import open_cache, stored_shape
+from dragontrainer.data.image_folder import list_folder
+from dragontrainer.data.memo import load_images_once
+from dragontrainer.data.sources import ImageSet, resolve_source
+from dragontrainer.errors import DataError, RecipeError
+from dragontrainer.recipe import DataSpec
+from dragontrainer.resources import array_bytes, available_memory, gib
+
+RESIDENT_SHARE = 0.5  # room left for the model, activations, the optimiser and everyone else
+FIT_BYTES = 64 << 20  # streamed: preprocessing statistics from at most this many bytes of training images
+
+
+@dataclass(frozen=True)
+class Residency:
+    mode: Literal["device", "stream"]
+    reason: str
+    decoded_bytes: int
+
+    def record(self) -> dict[str, Any]:
+        """The fields data.json keeps."""
+        return {"resident": self.mode, "resident_reason": self.reason, "decoded_bytes": self.decoded_bytes}
+
+    def line(self) -> str:
+        return f"data: {'streamed' if self.mode == 'stream' else 'resident on the device'} ({self.reason})"
+
+
+def choose_residency(spec: DataSpec, decoded_bytes: int, device: torch.device, *, room: int | None = None) -> Residency:
+    """device or stream, from data.resident, data.cache_size and (auto) the decoded size vs the memory
+    available; `room` overrides the measured memory (tests, benchmarks)."""
+    if spec.resident == "device":
+        if spec.cache_size is not None:
+            raise RecipeError(
+                "recipe field data.resident: device cannot crop images stored at data.cache_size; "
+                "set data.resident=stream (or auto), or drop data.cache_size"
+            )
+        return Residency("device", "data.resident=device", decoded_bytes)
+    if spec.resident == "stream":
+        return Residency("stream", "data.resident=stream", decoded_bytes)
+    if spec.cache_size is not None:
+        reason = f"data.cache_size={spec.cache_size}: training crops within the stored images"
+        return Residency("stream", reason, decoded_bytes)
+    where = "host" if device.type == "cpu" else device.type
+    if room is None:
+        room = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    need = decoded_bytes * (2 if device.type == "cpu" else 1)  # CPU: the decoded set plus its split copies
+    share = f"{gib(need)} of {gib(room)} {where} memory available"
+    if need <= RESIDENT_SHARE * room:
+        return Residency("device", f"auto: decoded images take {share}", decoded_bytes)
+    return Residency("stream", f"auto: decoded images would take {share}, above {RESIDENT_SHARE:.0%}", decoded_bytes)
+
+
+@dataclass
+class LoadedImages:
+    """The images as a resident set or a streamable array (a memory-mapped cache), with the decision."""
+
+    images: ImageSet
+    residency: Residency
+    release: Any = None  # DecodedCache.release for a memory-mapped cache, else None
+
+
+def load_for_training(
+    spec: DataSpec, device: torch.device, console: Console | None = None, *, room: int | None = None
+) -> LoadedImages:
+    """Image folders are sized before decoding anything and, when streamed, decoded into the cache
+    instead of into memory; other sources are loaded (their readers read whole files), then decided."""
+    source, notes = resolve_source(spec)
+    if source == "image-folder" and spec.path is not None:
+        listing = list_folder(spec.path)
+        if listing.files and not listing.problems:
+            residency = choose_residency(spec, array_bytes(stored_shape(listing, spec)[0], 1), device, room=room)
+            if residency.mode == "stream":
+                cache = open_cache(listing, spec, console=console)
+                classes = named_classes(spec, cache.classes, cache.labels, str(spec.path))
+                images = ImageSet(cache.images, cache.labels, classes, notes=[*notes, *cache.notes])
+                return LoadedImages(images, residency, cache.release)
+    images = load_images_once(spec)
+    return LoadedImages(images, choose_residency(spec, images.x.nbytes, device, room=room))
+
+
+def named_classes(spec: DataSpec, classes: list[str], labels: np.ndarray, origin: str) -> list[str]:
+    """data.class_names replaces the folder names when given (it must name every class)."""
+    if spec.class_names is None:
+        return classes
+    if len(spec.class_names) != len(classes):
+        raise DataError(
+            f"{origin}: data.class_names names {len(spec.class_names)} classes, the folder has {len(classes)}"
+        )
+    return list(spec.class_names)
+
+
+def fit_sample(train_rows: np.ndarray, row_bytes: int, seed: int) -> np.ndarray:
+    """Positions (into the training split) of the images preprocessing statistics are fitted on when
+    streaming: all of them when they fit in FIT_BYTES, else a seeded random subset, sorted for reading."""
+    count = max(1, min(len(train_rows), FIT_BYTES // max(row_bytes, 1)))
+    if count == len(train_rows):
+        return np.arange(len(train_rows))
+    picked = np.random.default_rng(seed).choice(len(train_rows), size=count, replace=False)
+    return np.sort(picked)
