@@ -57,22 +57,58 @@ ENTRY = re.compile(r"^[0-9a-f]{24}(\.partial|\.lock)?$")
 
 @dataclass
 class DecodedCache:
-    """A complete cache opened read-only: `images` is a view of the mapped file (nothing read yet)."""
+    """A complete cache opened read-only: `images` is a view of the mapped file (nothing read yet);
+    `rows` reads rows with pread, which the stream loader uses (see RowFile)."""
 
     path: Path
     images: np.ndarray  # (N, C, H, W) uint8, read-only, backed by the file
     labels: np.ndarray  # (N,) int64
     classes: list[str]
     manifest: dict[str, Any]
+    rows: RowFile
     decoded: int = 0  # images this call decoded (0: the cache was reused as it was)
     notes: list[str] = field(default_factory=list)
-    _map: mmap.mmap | None = field(default=None, repr=False)
 
-    def release(self) -> None:
-        """Drop the pages read so far from this process's resident set (they stay in the page cache):
-        a streamed epoch over a file larger than memory keeps the process's RSS bounded."""
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
+
+class RowFile:
+    """Rows of the array file read with pread into the caller's buffer.
+
+    Reading through the memory map would count every page touched in the process's resident set
+    (with large page-cache folios, up to megabytes per row) until unmapped; pread copies from the
+    page cache and leaves the resident set alone, so a streamed epoch over a file larger than memory
+    keeps the process's RSS at its buffers."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], channels: int) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.offset, self.stored = offset, shape  # the file's shape (3 channels even when all gray)
+        self.channels = channels  # channels handed out (1 when every image was gray)
+        self.row_bytes = int(np.prod(shape[1:]))
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self.fd)
+
+    def read(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = image rows[i]; `rows` ascending: runs of consecutive rows are read as one."""
+        if self.channels != self.stored[1]:
+            full = np.empty((len(rows), *self.stored[1:]), dtype=np.uint8)
+            self._read_runs(rows, full)
+            out[...] = full[:, : self.channels]
+            return
+        self._read_runs(rows, out)
+
+    def _read_runs(self, rows: np.ndarray, out: np.ndarray) -> None:
+        flat = out.reshape(len(rows), -1)
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where a run of consecutive rows begins
+        for begin, end in zip(starts, [*starts[1:], len(rows)], strict=True):
+            view = memoryview(flat[begin:end]).cast("B")
+            position = self.offset + int(rows[begin]) * self.row_bytes
+            while len(view):
+                got = os.preadv(self.fd, [view], position)
+                if got <= 0:
+                    raise DataError(f"{self.path}: the decoded cache ended early; delete its folder to decode again")
+                view, position = view[got:], position + got
 
 
 def default_root() -> Path:
@@ -114,7 +150,7 @@ def open_cache(
         with build_lock(root / f"{key}.lock", console):
             if not (final / "manifest.json").is_file():  # another process may have finished it meanwhile
                 decoded = build(root / f"{key}.partial", final, listing, spec, console, workers)
-                prune_superseded(root, key, listing.root)
+                prune_superseded(root, key, {"source": str(listing.root), "settings": cache_settings(spec)})
                 cache = read_cache(final)
                 cache.decoded = decoded
                 return cache
@@ -186,7 +222,7 @@ def build(
     array_path, chunks_path = partial / "images.npy", partial / "chunks.json"
     done = completed_chunks(chunks_path, array_path, shape)
     if not done:
-        start_partial(partial, shape, listing)
+        start_partial(partial, shape, listing, spec)
     chunk = CHUNK_IMAGES
     tasks = [
         ChunkTask(n, start, listing.files[start : start + chunk], array_path, spec, frame)
@@ -231,11 +267,11 @@ def completed_chunks(chunks_path: Path, array_path: Path, shape: tuple[int, ...]
     return {}
 
 
-def start_partial(partial: Path, shape: tuple[int, ...], listing: FolderListing) -> None:
+def start_partial(partial: Path, shape: tuple[int, ...], listing: FolderListing, spec: DataSpec) -> None:
     if partial.exists():
         shutil.rmtree(partial)  # the cache's own unusable leftover (its chunks list is missing or stale)
     partial.mkdir()
-    atomic_write_json(partial / "source.json", {"source": str(listing.root)})
+    atomic_write_json(partial / "source.json", {"source": str(listing.root), "settings": cache_settings(spec)})
     np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
 
 
@@ -321,15 +357,17 @@ def decode_progress(console: Console | None, total: int, completed: int) -> Iter
         yield bar
 
 
-def prune_superseded(root: Path, key: str, source: Path) -> None:
-    """Remove the cache's own older entries for the same folder (the folder changed since)."""
+def prune_superseded(root: Path, key: str, origin: dict[str, Any]) -> None:
+    """Remove the cache's own older entries for the same folder and settings (the folder changed since);
+    entries of other settings stay (a comparison of image sizes reuses each)."""
     for entry in root.iterdir():
         match = ENTRY.match(entry.name)
         if not match or entry.name.startswith(key) or match.group(1) == ".lock":
             continue
         record = entry / ("source.json" if match.group(1) else "manifest.json")
         try:
-            if json.loads(record.read_text(encoding="utf-8")).get("source") != str(source):
+            recorded = json.loads(record.read_text(encoding="utf-8"))
+            if {k: recorded.get(k) for k in origin} != origin:
                 continue
         except (OSError, ValueError):
             continue
@@ -345,19 +383,21 @@ def read_cache(path: Path) -> DecodedCache:
     try:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         labels = np.load(path / "labels.npy", allow_pickle=False)
-        images, mapping = map_array(path / "images.npy")
+        images, offset = map_array(path / "images.npy")
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: damaged decoded cache ({exc}); delete this folder to decode again") from None
     if list(images.shape) != manifest.get("shape") or len(labels) != len(images):
         raise DataError(f"{path}: damaged decoded cache (shape differs from manifest.json); delete this folder")
+    stored = images.shape
     if manifest.get("all_gray") and manifest["settings"]["color"] == "auto":
         images = images[:, :1]  # decoded as RGB, but every file was gray: the channels are equal
-    return DecodedCache(path, images, labels.astype(np.int64), list(manifest["classes"]), manifest,
-                        notes=list(manifest.get("notes", [])), _map=mapping)  # fmt: skip
+    rows = RowFile(path / "images.npy", offset, stored, images.shape[1])
+    return DecodedCache(path, images, labels.astype(np.int64), list(manifest["classes"]), manifest, rows,
+                        notes=list(manifest.get("notes", [])))  # fmt: skip
 
 
-def map_array(path: Path) -> tuple[np.ndarray, mmap.mmap]:
-    """A uint8 .npy file as a read-only array over our own mmap (which `release` can advise)."""
+def map_array(path: Path) -> tuple[np.ndarray, int]:
+    """A uint8 .npy file as a read-only memory-mapped array, and where its data starts in the file."""
     with path.open("rb") as handle:
         version = np.lib.format.read_magic(handle)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -365,7 +405,8 @@ def map_array(path: Path) -> tuple[np.ndarray, mmap.mmap]:
         offset = handle.tell()
         if dtype != np.uint8 or fortran:
             raise ValueError(f"{path.name} is {dtype}{' Fortran-ordered' if fortran else ''}, expected C-ordered uint8")
+        if shape and np.prod(shape) == 0:
+            return np.zeros(shape, dtype=np.uint8), offset
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    count = int(np.prod(shape))
-    images = np.frombuffer(mapping, dtype=np.uint8, count=count, offset=offset).reshape(shape)
-    return images, mapping
+    images = np.frombuffer(mapping, dtype=np.uint8, count=int(np.prod(shape)), offset=offset).reshape(shape)
+    return images, offset

@@ -12,6 +12,7 @@ memory on CUDA), else streams; the choice and its reason are printed and written
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -76,7 +77,7 @@ class LoadedImages:
 
     images: ImageSet
     residency: Residency
-    release: Any = None  # DecodedCache.release for a memory-mapped cache, else None
+    read_rows: Callable[[np.ndarray, np.ndarray], None] | None = None  # a decoded cache's RowFile.read
 
 
 def load_for_training(
@@ -93,7 +94,7 @@ def load_for_training(
                 cache = open_cache(listing, spec, console=console)
                 classes = named_classes(spec, cache.classes, cache.labels, str(spec.path))
                 images = ImageSet(cache.images, cache.labels, classes, notes=[*notes, *cache.notes])
-                return LoadedImages(images, residency, cache.release)
+                return LoadedImages(images, residency, cache.rows.read)
     images = load_images_once(spec)
     return LoadedImages(images, choose_residency(spec, images.x.nbytes, device, room=room))
 

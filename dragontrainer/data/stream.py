@@ -22,7 +22,6 @@ import torch
 from dragontrainer.data.sampler import epoch_order, epoch_size
 
 PREFETCH_BATCHES = 4
-RELEASE_BYTES = 256 << 20  # drop read pages from the resident set after this many bytes (see DecodedCache)
 _DONE = object()
 
 
@@ -38,7 +37,7 @@ class StreamLoader:
         self, images: np.ndarray, labels: np.ndarray, index: np.ndarray, batch_size: int, *, shuffle: bool,
         device: torch.device | str = "cpu", seed: int = 0, balance: str = "none", switch_epoch: int | None = None,
         crop: int | None = None, shard: tuple[int, int] = (0, 1), prefetch: int = PREFETCH_BATCHES,
-        release: Callable[[], None] | None = None,
+        read_rows: Callable[[np.ndarray, np.ndarray], None] | None = None,
     ) -> None:  # fmt: skip
         self.images = images
         self.rows = np.asarray(index, dtype=np.int64)
@@ -49,11 +48,10 @@ class StreamLoader:
         self.crop = crop if crop is not None and crop < images.shape[-1] else None
         self.rank, self.world = shard
         self.prefetch = prefetch
-        self.release = release
+        self.read_rows = read_rows  # a decoded cache's RowFile.read (pread: no pages mapped), else np.take
         self.labels = torch.from_numpy(np.asarray(labels)[self.rows].astype(np.int64))
         self.epoch_images = epoch_size(self.labels, balance) if shuffle else len(self.rows)
         self.pin = self.device.type == "cuda"
-        self.row_bytes = int(np.prod(images.shape[1:]))
 
     def __len__(self) -> int:
         full, rest = divmod(self.epoch_images, self.batch_size)
@@ -107,7 +105,6 @@ class StreamLoader:
     def _read_ahead(self, order: np.ndarray, epoch: int, steps: range, ready: queue.Queue[Any],
                     stop: threading.Event) -> None:  # fmt: skip
         try:
-            unreleased = 0
             for step in steps:
                 lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, self.epoch_images)
                 positions = order[lo:hi]
@@ -116,10 +113,6 @@ class StreamLoader:
                 if crops is not None:
                     crops = crops[self.rank :: self.world]
                 item = self._read(positions, crops)
-                unreleased += len(positions) * self.row_bytes
-                if self.release is not None and unreleased >= RELEASE_BYTES:
-                    self.release()
-                    unreleased = 0
                 if not self._put(ready, item, stop):
                     return
             self._put(ready, _DONE, stop)
@@ -147,7 +140,10 @@ class StreamLoader:
         rows = self.rows[positions]
         by_row = np.argsort(rows, kind="stable")
         gathered = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
-        np.take(self.images, rows[by_row], axis=0, out=gathered)  # in file order: sequential reads
+        if self.read_rows is not None:
+            self.read_rows(rows[by_row], gathered)  # in file order: sequential reads
+        else:
+            np.take(self.images, rows[by_row], axis=0, out=gathered)
         images = np.empty_like(gathered)
         images[by_row] = gathered  # back to the sampler's order
         images = self._cropped(images, crops)
