@@ -31,12 +31,13 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from rich.console import Console
@@ -46,10 +47,13 @@ from dragontrainer.console import text
 from dragontrainer.data.image_folder import FolderListing, decode_image, raise_problems
 from dragontrainer.errors import DataError
 from dragontrainer.recipe import DataSpec
+from dragontrainer.resources import array_bytes
 from dragontrainer.run import atomic_write_json, fsync_dir
 
 CACHE_VERSION = 1
 CHUNK_IMAGES = 256  # images per task: a progress tick and a resume point
+CHUNK_BYTES = 64 << 20  # a worker's buffer: fewer images per chunk when they are large
+RECORD_SECONDS = 2.0  # finished chunks are made durable and recorded at most this often
 TAG_NAME = "CACHEDIR.TAG"
 TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# dragontrainer's decoded image cache (see bench/ and README)\n"
 ENTRY = re.compile(r"^[0-9a-f]{24}(\.partial|\.lock)?$")
@@ -201,6 +205,8 @@ class ChunkTask:
     start: int
     files: list[Path]
     array_path: Path
+    offset: int  # where the array's data starts in the file (after the .npy header)
+    row_shape: tuple[int, int, int]
     spec: DataSpec
     frame: tuple[int, int] | None  # the (height, width) every image must have, when no size is set
 
@@ -223,14 +229,16 @@ def build(
     done = completed_chunks(chunks_path, array_path, shape)
     if not done:
         start_partial(partial, shape, listing, spec)
-    chunk = CHUNK_IMAGES
+    offset = map_array(array_path)[1]
+    chunk = max(1, min(CHUNK_IMAGES, CHUNK_BYTES // array_bytes(shape[1:], 1)))
     tasks = [
-        ChunkTask(n, start, listing.files[start : start + chunk], array_path, spec, frame)
+        ChunkTask(n, start, listing.files[start : start + chunk], array_path, offset, shape[1:], spec, frame)
         for n, start in enumerate(range(0, len(listing.files), chunk))
         if str(n) not in done
     ]
-    decoded, problems = 0, []
-    with decode_progress(console, len(listing.files), len(listing.files) - sum(len(t.files) for t in tasks)) as bar:
+    decoded, problems, recorded = 0, [], time.monotonic()
+    left = len(listing.files) - sum(len(t.files) for t in tasks)
+    with decode_progress(console, len(listing.files), left) as bar, array_path.open("rb") as array:
         for task, result in run_tasks(tasks, workers):
             bar.advance(bar.task_ids[0], len(task.files))
             decoded += len(task.files)
@@ -238,11 +246,21 @@ def build(
                 problems += result.problems
                 continue
             done[str(result.number)] = result.all_gray
-            atomic_write_json(chunks_path, done)  # the chunk's rows were flushed by the worker
+            if time.monotonic() - recorded > RECORD_SECONDS:
+                record_chunks(array, chunks_path, done)
+                recorded = time.monotonic()
+        record_chunks(array, chunks_path, done)
     if problems:
         raise_problems(listing.root, problems)
     finish(partial, final, listing, spec, shape, all(done.values()))
     return decoded
+
+
+def record_chunks(array: BinaryIO, chunks_path: Path, done: dict[str, bool]) -> None:
+    """The finished chunks, written only after their rows are on disk (one fsync for many chunks, from
+    this process while the workers go on decoding, instead of a synchronous flush in each worker)."""
+    os.fsync(array.fileno())
+    atomic_write_json(chunks_path, done)
 
 
 def stored_shape(listing: FolderListing, spec: DataSpec) -> tuple[tuple[int, int, int, int], tuple[int, int] | None]:
@@ -296,10 +314,11 @@ def die_with_parent() -> None:
 
 
 def decode_chunk(task: ChunkTask) -> ChunkResult:
-    """Decode one chunk's files into their rows of the array file, then flush them to disk."""
-    images = np.load(task.array_path, mmap_mode="r+")
+    """Decode one chunk's files into a buffer, then write it to its rows of the array file with one
+    pwrite (the chunk's rows are contiguous; made durable by `record_chunks`)."""
+    images = np.zeros((len(task.files), *task.row_shape), dtype=np.uint8)
     all_gray, problems = True, []
-    for row, path in enumerate(task.files, start=task.start):
+    for row, path in enumerate(task.files):
         try:
             pixels, is_gray = decode_image(path, task.spec, short_side=task.spec.cache_size)
         except DataError as exc:
@@ -314,9 +333,19 @@ def decode_chunk(task: ChunkTask) -> ChunkResult:
             continue
         images[row] = channels_first(pixels, task.spec.color)
         all_gray &= is_gray
-    images.flush()
-    del images  # unmapped: the written pages leave this process's resident set
+    if not problems:  # a chunk with problems is not recorded: nothing to write
+        write_all(task.array_path, memoryview(images).cast("B"), task.offset + task.start * images[0].nbytes)
     return ChunkResult(task.number, all_gray, problems)
+
+
+def write_all(path: Path, data: memoryview, position: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        while len(data):
+            written = os.pwrite(fd, data, position)
+            data, position = data[written:], position + written
+    finally:
+        os.close(fd)
 
 
 def channels_first(pixels: np.ndarray, color: str) -> np.ndarray:

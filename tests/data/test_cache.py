@@ -133,6 +133,7 @@ from dragontrainer.data.image_folder import list_folder
 from dragontrainer.recipe import DataSpec
 
 cache.CHUNK_IMAGES = 2
+cache.RECORD_SECONDS = 0  # every finished chunk recorded at once
 decode = cache.decode_chunk
 def slow(task):
     time.sleep(0.3)  # time for the test to kill the build between chunks
