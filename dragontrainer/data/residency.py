@@ -22,8 +22,10 @@ from rich.console import Console
 
 from dragontrainer.data.cache import open_cache, stored_shape
 from dragontrainer.data.image_folder import list_folder
+from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.memo import load_images_once
 from dragontrainer.data.sources import ImageSet, resolve_source
+from dragontrainer.data.stream import StreamLoader
 from dragontrainer.errors import DataError, RecipeError
 from dragontrainer.recipe import DataSpec
 from dragontrainer.resources import array_bytes, available_memory, gib
@@ -93,7 +95,8 @@ def load_for_training(
             if residency.mode == "stream":
                 cache = open_cache(listing, spec, console=console)
                 classes = named_classes(spec, cache.classes, cache.labels, str(spec.path))
-                images = ImageSet(cache.images, cache.labels, classes, notes=[*notes, *cache.notes])
+                crop = spec.image_size if spec.cache_size is not None else None
+                images = ImageSet(cache.images, cache.labels, classes, notes=[*notes, *cache.notes], crop=crop)
                 return LoadedImages(images, residency, cache.rows.read)
     images = load_images_once(spec)
     return LoadedImages(images, choose_residency(spec, images.x.nbytes, device, room=room))
@@ -118,3 +121,40 @@ def fit_sample(train_rows: np.ndarray, row_bytes: int, seed: int) -> np.ndarray:
         return np.arange(len(train_rows))
     picked = np.random.default_rng(seed).choice(len(train_rows), size=count, replace=False)
     return np.sort(picked)
+
+
+def split_loader(
+    loaded: LoadedImages, index: np.ndarray, batch_size: int, *, shuffle: bool, device: torch.device,
+    seed: int = 0, balance: str = "none", switch_epoch: int | None = None,
+) -> DeviceLoader | StreamLoader:  # fmt: skip
+    """The loader of one split (`index` into the images) for the residency chosen: uint8 tensors on the
+    device, or rows streamed from the cache / host memory (centre- or random-cropped with data.cache_size)."""
+    images = loaded.images
+    if loaded.residency.mode == "device":
+        rows = torch.from_numpy(np.asarray(index))
+        x, y = torch.from_numpy(images.x)[rows].to(device), torch.from_numpy(images.y)[rows].to(device)
+        return DeviceLoader(x, y, batch_size, shuffle=shuffle, seed=seed, balance=balance, switch_epoch=switch_epoch)
+    return StreamLoader(
+        images.x, images.y, index, batch_size, shuffle=shuffle, device=device, seed=seed, balance=balance,
+        switch_epoch=switch_epoch, crop=images.crop, read_rows=loaded.read_rows,
+    )  # fmt: skip
+
+
+def fit_images(loaded: LoadedImages, train: np.ndarray, seed: int) -> tuple[torch.Tensor, int]:
+    """Training images (CPU uint8) that preprocessing statistics are fitted on, and how many: all of them
+    when resident; when streamed, a seeded sample of at most FIT_BYTES (centre crops with data.cache_size)."""
+    images = loaded.images
+    if loaded.residency.mode == "device":
+        return torch.from_numpy(images.x)[torch.from_numpy(np.asarray(train))], len(train)
+    reader = StreamLoader(images.x, images.y, train, 1, shuffle=False, crop=images.crop, read_rows=loaded.read_rows)
+    picked = fit_sample(np.asarray(train), int(np.prod(images.image_shape)), seed)
+    return reader.take(picked)[0], len(picked)
+
+
+def whole_set_loader(
+    spec: DataSpec, device: torch.device, batch_size: int
+) -> tuple[ImageSet, DeviceLoader | StreamLoader]:
+    """Every image of a data source in file order, for scoring a run on other data (`dragon eval RUN --data`)."""
+    loaded = load_for_training(spec, device)
+    index = np.arange(len(loaded.images.y))
+    return loaded.images, split_loader(loaded, index, batch_size, shuffle=False, device=device)

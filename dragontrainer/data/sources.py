@@ -36,9 +36,13 @@ class ImageSet:
     flip_safe: bool = True  # False where a mirrored image means something else (digits, letters)
     notes: list[str] = field(default_factory=list)  # what loading inferred or skipped, told to the user once
     official_test: np.ndarray | None = None  # MNIST/CIFAR: True for images of the official test files
+    crop: int | None = None  # stored larger (data.cache_size): the network sees crop×crop images
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """The shape the network sees: (C, H, W) of an image, or of its crop."""
+        if self.crop is not None:
+            return (self.x.shape[1], self.crop, self.crop)
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
 
