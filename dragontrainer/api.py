@@ -19,10 +19,11 @@ from rich.console import Console
 from torch import nn
 
 from dragontrainer.data.augment import flip_averaged_logits
+from dragontrainer.data.image_folder import decode_for_network
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.prepare import prepare_data
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
-from dragontrainer.data.sources import convert_color, decode_image, load_images
+from dragontrainer.data.sources import convert_color, load_images
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.nn.models import create_model
 from dragontrainer.recipe import Recipe
@@ -275,7 +276,7 @@ def predict(run_dir: str | Path, files: Sequence[str | Path], *, top_k: int = 3)
     chunk = loaded.recipe.train.eval_batch_size
     for start in range(0, len(paths), chunk):  # bounded memory for a folder of any size
         batch = paths[start : start + chunk]
-        rgb = np.stack([decode_image(path, spec)[0] for path in batch]).transpose(0, 3, 1, 2)
+        rgb = np.stack([decode_for_network(path, spec) for path in batch]).transpose(0, 3, 1, 2)
         x = torch.from_numpy(np.ascontiguousarray(convert_color(rgb, "gray" if channels == 1 else "rgb")))
         with torch.inference_mode():
             inputs = loaded.preprocessor.apply(x.to(loaded.device))

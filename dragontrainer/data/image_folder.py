@@ -151,6 +151,16 @@ def decode_image(path: Path, spec: DataSpec, *, short_side: int | None = None) -
         raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
 
 
+def decode_for_network(path: Path, spec: DataSpec) -> np.ndarray:
+    """An H×W×3 image as the network saw it in evaluation: resized to data.image_size, or, for a run whose
+    images were stored at data.cache_size, the shorter side at cache_size and the centre image_size crop."""
+    if spec.cache_size is None or spec.image_size is None:
+        return decode_image(path, spec)[0]
+    pixels = decode_image(path, spec, short_side=spec.cache_size)[0]
+    top = (spec.cache_size - spec.image_size) // 2
+    return np.ascontiguousarray(pixels[top : top + spec.image_size, top : top + spec.image_size])
+
+
 def resize_short_side(image: Any, size: int) -> Any:
     """The shorter side scaled to `size` (bilinear), then the centred size×size square."""
     from PIL import Image
