@@ -19,11 +19,10 @@ from rich.console import Console
 from torch import nn
 
 from dragontrainer.data.augment import flip_averaged_logits
-from dragontrainer.data.image_folder import decode_for_network
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.prepare import prepare_data
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
-from dragontrainer.data.sources import convert_color, load_images
+from dragontrainer.data.sources import convert_color, decode_for_network, load_images
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.nn.models import create_model
 from dragontrainer.recipe import Recipe

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from dragontrainer.data.cache import open_cache, stored_shape
+from dragontrainer.data.cache import DecodedCache, open_cache, stored_shape
 from dragontrainer.data.image_folder import list_folder
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.memo import load_images_once
@@ -158,3 +158,15 @@ def whole_set_loader(
     loaded = load_for_training(spec, device)
     index = np.arange(len(loaded.images.y))
     return loaded.images, split_loader(loaded, index, batch_size, shuffle=False, device=device)
+
+
+def cache_images(spec: DataSpec, console: Console | None = None) -> DecodedCache:
+    """Decode data.path (an image folder) into the decoded cache now, or find it there unchanged:
+    what a streamed run does first (`dragon cache`)."""
+    source, _ = resolve_source(spec)
+    if source != "image-folder" or spec.path is None:
+        raise DataError(
+            f"{spec.path or source}: the decoded cache holds image folders; {source} files are read whole "
+            "(data.resident=stream streams them from host memory)"
+        )
+    return open_cache(list_folder(spec.path), spec, console=console)

@@ -278,4 +278,4 @@ def npz_member_sizes(path: Path) -> dict[str, int]:
 
 import dragontrainer.data.archives  # noqa: E402  (registers cifar, mnist-idx)
 import dragontrainer.data.image_folder  # noqa: E402, F401  (registers image-folder)
-from dragontrainer.data.image_folder import decode_image  # noqa: E402, F401  (re-exported)
+from dragontrainer.data.image_folder import decode_for_network, decode_image  # noqa: E402, F401  (re-exported)

@@ -124,3 +124,19 @@ def test_training_on_a_folder_larger_than_the_memory_cap_stays_under_it(tmp_path
     assert measured["mode"] == "stream" and measured["decoded"] == count * 3 * side * side > 2 * cap
     assert measured["seen"] == 2 * count
     assert measured["peak"] < cap, f"peak RSS grew {measured['peak'] / MIB:.1f} MiB over the baseline"
+
+
+def test_dragon_cache_decodes_ahead_then_reuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dragontrainer import cache_images
+    from dragontrainer.cli import main
+
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=8)
+    where = f"data.cache={tmp_path / 'cache'}"
+    assert main(["cache", f"data.path={root}", where, "--json"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["decoded"] == 6 and first["shape"] == [6, 3, 8, 8]
+    assert main(["cache", f"data.path={root}", where]) == 0
+    assert "reused: the folder is unchanged" in capsys.readouterr().out
+    assert cache_images(DataSpec(path=root, cache=tmp_path / "cache")).decoded == 0
+    assert main(["cache", where]) == 2  # the digits are no image folder
+    assert "the decoded cache holds image folders" in capsys.readouterr().err
