@@ -112,6 +112,19 @@ def train_rate(loader: DeviceLoader | StreamLoader, steps: int, device: torch.de
     return seen / (time.perf_counter() - start)
 
 
+def read_rate(loader: DeviceLoader | StreamLoader, steps: int) -> float:
+    """Images/s of the loader alone (each batch converted to float, as a step would), after one batch."""
+    seen, start = 0, time.perf_counter()
+    for step, (x, _) in enumerate(loader.batches(1)):
+        if step == 1:
+            seen, start = 0, time.perf_counter()
+        if step == steps + 1:
+            break
+        x.float()
+        seen += len(x)
+    return seen / (time.perf_counter() - start)
+
+
 CAPPED = """
 import json, sys
 from pathlib import Path
@@ -188,14 +201,18 @@ def main() -> None:
         x, y = cache.images, cache.labels
         fits = min(len(y), max(args.batch * (args.steps + 3), 1))
         rows = np.arange(fits)
-        resident = DeviceLoader(torch.from_numpy(np.ascontiguousarray(x[:fits])).to(device),
+        resident = DeviceLoader(torch.from_numpy(np.array(x[:fits])).to(device),
                                 torch.from_numpy(y[:fits]).to(device), args.batch, shuffle=True)  # fmt: skip
         streamed = StreamLoader(x, y, rows, args.batch, shuffle=True, device=device, read_rows=cache.rows.read)
-        rates: dict[str, list[float]] = {"resident": [], "streamed": []}
+        rates: dict[str, list[float]] = {"resident": [], "streamed": [], "resident read": [], "streamed read": []}
         for _ in range(args.repeats):
+            rates["resident read"].append(read_rate(resident, args.steps))
+            rates["streamed read"].append(read_rate(streamed, args.steps))
             rates["resident"].append(train_rate(resident, args.steps, device))
             rates["streamed"].append(train_rate(streamed, args.steps, device))
         resident_rate, streamed_rate = (statistics.median(rates[k]) for k in ("resident", "streamed"))
+        print(f"loader alone: resident {statistics.median(rates['resident read']):,.0f} images/s, streamed "
+              f"{statistics.median(rates['streamed read']):,.0f} images/s")  # fmt: skip
         print(f"training ({device}, batch {args.batch}, {fits:,} images that fit): resident {resident_rate:,.0f} "
               f"images/s, streamed {streamed_rate:,.0f} images/s (each side the median of {args.repeats})")  # fmt: skip
 
