@@ -140,15 +140,15 @@ def split_loader(
     )  # fmt: skip
 
 
-def fit_images(loaded: LoadedImages, train: np.ndarray, seed: int) -> tuple[torch.Tensor, int]:
-    """Training images (CPU uint8) that preprocessing statistics are fitted on, and how many: all of them
-    when resident; when streamed, a seeded sample of at most FIT_BYTES (centre crops with data.cache_size)."""
+def fit_images(loaded: LoadedImages, train: np.ndarray, seed: int) -> torch.Tensor:
+    """Training images (CPU uint8) that preprocessing statistics are fitted on: all of them when resident;
+    when streamed, a seeded sample of at most FIT_BYTES (centre crops with data.cache_size)."""
     images = loaded.images
     if loaded.residency.mode == "device":
-        return torch.from_numpy(images.x)[torch.from_numpy(np.asarray(train))], len(train)
+        return torch.from_numpy(images.x)[torch.from_numpy(np.asarray(train))]
     reader = StreamLoader(images.x, images.y, train, 1, shuffle=False, crop=images.crop, read_rows=loaded.read_rows)
     picked = fit_sample(np.asarray(train), int(np.prod(images.image_shape)), seed)
-    return reader.take(picked)[0], len(picked)
+    return reader.take(picked)[0]
 
 
 def whole_set_loader(

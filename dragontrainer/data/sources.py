@@ -277,5 +277,12 @@ def npz_member_sizes(path: Path) -> dict[str, int]:
 
 
 import dragontrainer.data.archives  # noqa: E402  (registers cifar, mnist-idx)
-import dragontrainer.data.image_folder  # noqa: E402, F401  (registers image-folder)
-from dragontrainer.data.image_folder import decode_for_network, decode_image  # noqa: E402, F401  (re-exported)
+import dragontrainer.data.image_folder  # noqa: E402  (registers image-folder)
+
+
+def __getattr__(name: str) -> object:
+    """decode_image / decode_for_network, re-exported lazily: image_folder imports this module, so a
+    name import here would fail whenever image_folder is imported first (the decoded cache does)."""
+    if name in ("decode_image", "decode_for_network"):
+        return getattr(dragontrainer.data.image_folder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

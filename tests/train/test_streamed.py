@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dragontrainer import Recipe, evaluate_run, predict, resume, train
-from dragontrainer.train.loop import TrainingInterrupted
+from dragontrainer.train.outcomes import TrainingInterrupted
 from tests.conftest import TINY, make_image_folder
 from tests.train.test_loop import InterruptAt, assert_same_weights, weights
 
