@@ -19,10 +19,10 @@ from rich.console import Console
 from torch import nn
 
 from dragontrainer.data.augment import flip_averaged_logits
-from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.prepare import prepare_data
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
-from dragontrainer.data.sources import convert_color, decode_for_network, load_images
+from dragontrainer.data.residency import whole_set_loader
+from dragontrainer.data.sources import convert_color, decode_for_network
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.nn.models import create_model
 from dragontrainer.recipe import Recipe
@@ -211,12 +211,10 @@ def evaluate_run(
         update={"source": source or "auto", "path": path, "part": part, "image_size": size,
                 "color": "gray" if channels == 1 else "rgb", "class_names": None}
     )  # fmt: skip
-    images = load_images(spec)
+    # on the device, or streamed from the decoded cache when the folder is larger than memory (data.resident)
+    images, loader = whole_set_loader(spec, loaded.device, loaded.recipe.train.eval_batch_size)
     if images.y.max() >= len(loaded.classes):
         raise DataError(f"{path}: label {int(images.y.max())} but the run was trained on {len(loaded.classes)} classes")
-    x = torch.from_numpy(images.x).to(loaded.device)
-    y = torch.from_numpy(images.y).to(loaded.device)
-    loader = DeviceLoader(x, y, loaded.recipe.train.eval_batch_size, shuffle=False)
     metrics = evaluate(
         loaded.model, loader, criterion, loaded.preprocessor, tta_flip=loaded.recipe.augment.tta_flip,
         num_classes=len(loaded.classes),

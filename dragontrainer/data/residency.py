@@ -170,3 +170,16 @@ def cache_images(spec: DataSpec, console: Console | None = None) -> DecodedCache
             "(data.resident=stream streams them from host memory)"
         )
     return open_cache(list_folder(spec.path), spec, console=console)
+
+
+def image_digests(loader: DeviceLoader | StreamLoader, chunk: int = 1024) -> np.ndarray:
+    """A 16-byte BLAKE2 digest of each image of a loader, read `chunk` images at a time: duplicate
+    checks on streamed data without holding it (the doctor's split overlap)."""
+    import hashlib
+
+    digests = np.empty(loader.num_images, dtype="S16")
+    for start in range(0, loader.num_images, chunk):
+        images = loader.take(torch.arange(start, min(start + chunk, loader.num_images)))[0].cpu().numpy()
+        for offset, image in enumerate(images):
+            digests[start + offset] = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+    return digests

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dragontrainer import Recipe, evaluate_run, predict, resume, train
 from dragontrainer.train.outcomes import TrainingInterrupted
@@ -17,7 +18,14 @@ from tests.train.test_loop import InterruptAt, assert_same_weights, weights
 @pytest.fixture
 def folder(tmp_path: Path) -> list[str]:
     root = make_image_folder(tmp_path / "images", classes=3, per_class=20, size=32)
-    return [*TINY, "train.epochs=2", "train.batch_size=16", f"data.path={root}", f"data.cache={tmp_path / 'cache'}"]
+    return [
+        *TINY,
+        "train.epochs=2",
+        "train.batch_size=16",
+        "monitor.report=false",
+        f"data.path={root}",
+        f"data.cache={tmp_path / 'cache'}",
+    ]
 
 
 def losses(history: list[dict]) -> list[tuple]:
@@ -65,3 +73,22 @@ def test_photos_stored_at_cache_size_train_on_crops_and_score_on_centres(tmp_pat
     assert scored["images"] == info["num_val"] and scored["accuracy"] > 0.9
     predictions = predict(result.run_dir, [root])
     assert len(predictions) == 24 and sum(p.label == Path(p.file).parent.name for p in predictions) >= 20
+    other = evaluate_run(result.run_dir, data=root)  # other data: streamed from its cache too
+    assert other["images"] == 24 and other["accuracy"] > 0.9
+
+
+def test_doctor_finds_duplicates_across_splits_of_streamed_data(tmp_path: Path) -> None:
+    from dragontrainer.data.prepare import prepare_data
+    from dragontrainer.monitor.doctor import Patient, split_overlap
+    from tests.conftest import make_npz
+
+    x, y = (np.load(make_npz(tmp_path / "a.npz", n=60, size=8))[k] for k in ("x", "y"))
+    np.savez(tmp_path / "twice.npz", x=np.concatenate([x, x]), y=np.concatenate([y, y]))
+    checks = {}
+    for resident in ("stream", "device"):
+        recipe = Recipe.load(overrides=[*TINY, f"data.path={tmp_path / 'twice.npz'}", f"data.resident={resident}"])
+        data = prepare_data(recipe, torch.device("cpu"))
+        assert data.residency is not None and data.residency.mode == resident
+        checks[resident] = split_overlap(Patient(recipe, data, torch.device("cpu")))
+    assert checks["stream"].status == "fail" and checks["stream"].numbers["duplicates"] >= 10
+    assert checks["stream"].numbers == checks["device"].numbers  # the digests find what the bytes find
