@@ -34,6 +34,7 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from dragontrainer.data.image_folder import FolderListing, decode_image, raise_p
 from dragontrainer.errors import DataError
 from dragontrainer.recipe import DataSpec
 from dragontrainer.resources import array_bytes
-from dragontrainer.run import atomic_write_json, fsync_dir
+from dragontrainer.run import atomic_write_json, atomic_write_text, fsync_dir
 
 CACHE_VERSION = 1
 CHUNK_IMAGES = 256  # images per task: a progress tick and a resume point
@@ -153,12 +154,30 @@ def open_cache(
     if not (final / "manifest.json").is_file():
         with build_lock(root / f"{key}.lock", console):
             if not (final / "manifest.json").is_file():  # another process may have finished it meanwhile
-                decoded = build(root / f"{key}.partial", final, listing, spec, console, workers)
+                decoded = build_or_say_why(root / f"{key}.partial", final, listing, spec, console, workers)
                 prune_superseded(root, key, {"source": str(listing.root), "settings": cache_settings(spec)})
                 cache = read_cache(final)
                 cache.decoded = decoded
                 return cache
     return read_cache(final)
+
+
+def build_or_say_why(
+    partial: Path, final: Path, listing: FolderListing, spec: DataSpec, console: Console | None, workers: int | None
+) -> int:
+    """`build`, with a failure to write (or a worker lost) as one line; what was done stays for next time."""
+    try:
+        return build(partial, final, listing, spec, console, workers)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        raise DataError(
+            f"{partial}: cannot write the decoded cache ({exc.strerror or exc}); free space or set data.cache=PATH, "
+            "then the same command continues the build"
+        ) from None
+    except BrokenProcessPool:
+        raise DataError(
+            f"{partial}: a decoding worker process died (out of memory?); the same command continues the build "
+            "from its finished chunks"
+        ) from None
 
 
 def prepare_root(root: Path) -> Path:
@@ -174,7 +193,7 @@ def prepare_root(root: Path) -> Path:
                     f"(no {TAG_NAME}); name a new or empty folder"
                 )
             root.mkdir(parents=True, exist_ok=True)
-            (root / TAG_NAME).write_text(TAG, encoding="utf-8")
+            atomic_write_text(root / TAG_NAME, TAG)
     except OSError as exc:
         raise DataError(f"{root}: cannot use as the decoded-image cache (data.cache): {exc.strerror}") from None
     return root

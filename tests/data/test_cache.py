@@ -120,6 +120,21 @@ def test_a_folder_that_is_not_a_cache_is_refused_untouched(tmp_path: Path) -> No
     assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
 
 
+def test_a_full_disk_is_one_line_and_the_next_build_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=2, size=8)
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache, "write_all", full)
+    with pytest.raises(DataError, match=r"\.partial: cannot write the decoded cache \(No space left on device\)"):
+        cache.open_cache(list_folder(root), spec_for(root, tmp_path), workers=1)
+    monkeypatch.undo()
+    assert cache.open_cache(list_folder(root), spec_for(root, tmp_path)).decoded == 4
+
+
 def test_default_folder_honours_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache.default_root() == tmp_path / "xdg" / "dragontrainer"
