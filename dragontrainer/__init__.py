@@ -2,6 +2,7 @@
 
 from dragontrainer.api import doctor, evaluate_run, load_run, predict, report, resume, train
 from dragontrainer.compare import compare
+from dragontrainer.data.residency import cache_images
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.export import export_run, load_export
 from dragontrainer.monitor.lr_finder import lr_find
@@ -20,6 +21,7 @@ __all__ = [
     "RunError",
     "TrainResult",
     "__version__",
+    "cache_images",
     "compare",
     "doctor",
     "ensemble",

@@ -22,7 +22,8 @@ from dragontrainer.data.augment import flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.prepare import prepare_data
 from dragontrainer.data.preprocess import Preprocessor, create_preprocessor
-from dragontrainer.data.sources import convert_color, decode_image, load_images
+from dragontrainer.data.residency import whole_set_loader
+from dragontrainer.data.sources import convert_color, decode_for_network, load_images
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.nn.models import create_model
 from dragontrainer.nn.multitask import create_multitask_model
@@ -229,12 +230,10 @@ def evaluate_run(
         update={"source": source or "auto", "path": path, "part": part, "image_size": size,
                 "color": "gray" if channels == 1 else "rgb", "class_names": None}
     )  # fmt: skip
-    images = load_images(spec)
+    # on the device, or streamed from the decoded cache when the folder is larger than memory (data.resident)
+    images, loader = whole_set_loader(spec, loaded.device, loaded.recipe.train.eval_batch_size)
     if images.y.max() >= len(loaded.classes):
         raise DataError(f"{path}: label {int(images.y.max())} but the run was trained on {len(loaded.classes)} classes")
-    x = torch.from_numpy(images.x).to(loaded.device)
-    y = torch.from_numpy(images.y).to(loaded.device)
-    loader = DeviceLoader(x, y, loaded.recipe.train.eval_batch_size, shuffle=False)
     metrics = evaluate(
         loaded.model, loader, criterion, loaded.preprocessor, tta_flip=loaded.recipe.augment.tta_flip,
         num_classes=len(loaded.classes),
@@ -319,7 +318,7 @@ def predict(run_dir: str | Path, files: Sequence[str | Path], *, top_k: int = 3)
     chunk = loaded.recipe.train.eval_batch_size
     for start in range(0, len(paths), chunk):  # bounded memory for a folder of any size
         batch = paths[start : start + chunk]
-        rgb = np.stack([decode_image(path, spec)[0] for path in batch]).transpose(0, 3, 1, 2)
+        rgb = np.stack([decode_for_network(path, spec) for path in batch]).transpose(0, 3, 1, 2)
         x = torch.from_numpy(np.ascontiguousarray(convert_color(rgb, "gray" if channels == 1 else "rgb")))
         with torch.inference_mode():
             inputs = loaded.preprocessor.apply(x.to(loaded.device))

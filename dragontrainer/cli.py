@@ -215,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print summary.json as one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = command("cache", cmd_cache, "decode an image folder into the decoded cache: dragon cache [recipe.yaml] [k=v]")
+    p.add_argument("items", nargs="*", metavar="recipe.yaml | key=value")
+    p.add_argument("--json", action="store_true", help="print where the cache is and what it holds as one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = command("components", cmd_components, "list every registered component by kind, one line each")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", action="store_true", help="the full description of each component")
@@ -498,6 +503,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(json.dumps(result.summary()))
     else:
         print_finetune(result, Console())
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """What a streamed run does first, ahead of time (e.g. once before a search or on a data machine)."""
+    from dragontrainer.data.residency import cache_images
+    from dragontrainer.recipe import Recipe
+    from dragontrainer.resources import gib
+
+    path, overrides = split_items(args.items)
+    decoded = cache_images(Recipe.load(path, overrides).data, console=Console(stderr=True, quiet=args.quiet))
+    record = {"cache": str(decoded.path), "shape": list(decoded.images.shape), "bytes": decoded.images.nbytes,
+              "decoded": decoded.decoded}  # fmt: skip
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    what = f"decoded {decoded.decoded:,} images" if decoded.decoded else "reused: the folder is unchanged"
+    shape = "×".join(map(str, decoded.images.shape))
+    print(f"{printable(decoded.path)}: {shape} uint8 ({gib(decoded.images.nbytes)}); {what}")
     return 0
 
 

@@ -62,6 +62,14 @@ class DataSpec(Section):
     # two_stage (class-balanced draws, then from two_stage_switch × epochs the natural order, only the head learning)
     balance: Literal["none", "oversample", "undersample", "class_weights", "two_stage"] = "none"
     two_stage_switch: float = Field(0.75, gt=0, lt=1)  # two_stage: fraction of train.epochs before the switch
+    # data larger than memory: device = each split as one uint8 tensor on the device; stream = batches read by a
+    # background thread from a decoded uint8 cache on disk (image folders) or from host memory; auto = decided from
+    # the decoded size and the memory available, and said (data/residency.py)
+    resident: Literal["auto", "device", "stream"] = "auto"
+    cache: Path | None = None  # folder of decoded caches; null: $XDG_CACHE_HOME/dragontrainer (~/.cache/dragontrainer)
+    # image folders: store each photo with its shorter side at cache_size (centre square); training takes random
+    # image_size crops within it, evaluation the centre crop (e.g. 1.15 × data.image_size)
+    cache_size: int | None = Field(None, ge=1, le=8192)
 
     @field_validator("source")
     @classmethod
@@ -81,6 +89,14 @@ class DataSpec(Section):
     def _fold_exists(self) -> DataSpec:
         if self.fold >= self.folds:
             raise ValueError(f"fold must be below folds ({self.folds}), got fold {self.fold}")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_size_holds_image_size(self) -> DataSpec:
+        if self.cache_size is not None and (self.image_size is None or self.cache_size < self.image_size):
+            raise ValueError(
+                f"cache_size ({self.cache_size}) needs data.image_size set, at most cache_size; got {self.image_size}"
+            )
         return self
 
 

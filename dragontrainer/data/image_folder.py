@@ -10,7 +10,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,11 +25,26 @@ MAX_PROBLEMS = 10
 HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
-@SOURCES.register("image-folder")
-def image_folder(spec: DataSpec) -> ImageSet:
-    """One sub-folder per class of PNG/JPEG/... files, decoded with Pillow, resized to data.image_size."""
-    root = spec.path
-    assert root is not None
+@dataclass
+class FolderListing:
+    """The image files of a class-folder tree, in a fixed order, with their labels (nothing decoded)."""
+
+    root: Path
+    files: list[Path]
+    labels: np.ndarray
+    classes: list[str]
+    skipped: list[Path]
+    problems: list[str]
+
+    def notes(self) -> list[str]:
+        if not self.skipped:
+            return []
+        names = ", ".join(sorted({p.name for p in self.skipped})[:5])
+        return [f"{self.root}: skipped {len(self.skipped)} file(s) that are not images ({names})"]
+
+
+def list_folder(root: Path) -> FolderListing:
+    """The files an image folder holds: one sub-folder per class, sorted; non-image files skipped."""
     if not root.is_dir():
         raise DataError(f"{root}: image-folder expects a folder with one sub-folder per class")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -37,27 +54,34 @@ def image_folder(spec: DataSpec) -> ImageSet:
     for label, class_dir in enumerate(class_dirs):
         members = sorted(p for p in class_dir.iterdir() if p.is_file())
         images = [p for p in members if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("._")]
-        skipped += [p for p in members if p not in images]
+        kept = set(images)  # a set: a class folder of 100,000 files is listed in a blink, not minutes
+        skipped += [p for p in members if p not in kept]
         if not images:
             what = f"holds no image files ({len(members)} other files)" if members else "is empty"
             problems.append(f"{class_dir}: class folder {what}; every class needs at least one image")
         files += images
         labels += [label] * len(images)
+    classes = [d.name for d in class_dirs]
+    return FolderListing(root, files, np.array(labels, dtype=np.int64), classes, skipped, problems)
+
+
+@SOURCES.register("image-folder")
+def image_folder(spec: DataSpec) -> ImageSet:
+    """One sub-folder per class of PNG/JPEG/... files, decoded with Pillow, resized to data.image_size."""
+    assert spec.path is not None
+    listing = list_folder(spec.path)
+    files, problems = listing.files, list(listing.problems)
     if files and spec.image_size is not None:
         check_fits(array_bytes((len(files), 3, spec.image_size, spec.image_size), 1), f"{len(files):,} images")
     decoded = decode_all(files, spec, problems)
     if problems:
-        raise_problems(root, problems)
+        raise_problems(listing.root, problems)
     arrays = [a for a, _ in decoded]
     check_same_size(arrays, files)
     x = np.stack(arrays).transpose(0, 3, 1, 2)
     if all(is_gray for _, is_gray in decoded):
         x = x[:, :1]  # decoded to RGB, but every file was gray: the three channels are equal
-    notes = []
-    if skipped:
-        names = ", ".join(sorted({p.name for p in skipped})[:5])
-        notes.append(f"{root}: skipped {len(skipped)} file(s) that are not images ({names})")
-    return ImageSet(x, np.array(labels, dtype=np.int64), [d.name for d in class_dirs], notes=notes)
+    return ImageSet(x, listing.labels, listing.classes, notes=listing.notes())
 
 
 def decode_all(files: Sequence[Path], spec: DataSpec, problems: list[str]) -> list[tuple[np.ndarray, bool]]:
@@ -92,8 +116,10 @@ def raise_problems(root: Path, problems: list[str]) -> None:
     raise DataError(f"{root}: {len(problems)} problems: {shown}{more}")
 
 
-def decode_image(path: Path, spec: DataSpec) -> tuple[np.ndarray, bool]:
-    """Decode one file to an H×W×3 uint8 array (+ whether it was gray); resize if asked.
+def decode_image(path: Path, spec: DataSpec, *, short_side: int | None = None) -> tuple[np.ndarray, bool]:
+    """Decode one file to an H×W×3 uint8 array (+ whether it was gray); resize if asked: to
+    data.image_size square, or with `short_side` (the decoded cache's data.cache_size) the shorter
+    side to that size and the centre square cut out, so photos of any aspect keep their proportions.
     16-bit and float images are scaled to 8 bits (not clipped at 255)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -113,7 +139,9 @@ def decode_image(path: Path, spec: DataSpec) -> tuple[np.ndarray, bool]:
                 is_gray = image.mode in ("1", "L", "LA", *HIGH_BIT_MODES)
                 image = to_eight_bit(image) if image.mode in HIGH_BIT_MODES else image
                 image = image.convert("RGB")
-                if spec.image_size is not None:
+                if short_side is not None:
+                    image = resize_short_side(image, short_side)
+                elif spec.image_size is not None:
                     image = image.resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR)
                 return np.asarray(image, dtype=np.uint8), is_gray
     except DataError:
@@ -122,6 +150,27 @@ def decode_image(path: Path, spec: DataSpec) -> tuple[np.ndarray, bool]:
         raise DataError(f"{path}: not a readable image ({type(exc).__name__})") from None
     except (OSError, ValueError, SyntaxError, MemoryError) as exc:
         raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def decode_for_network(path: Path, spec: DataSpec) -> np.ndarray:
+    """An H×W×3 image as the network saw it in evaluation: resized to data.image_size, or, for a run whose
+    images were stored at data.cache_size, the shorter side at cache_size and the centre image_size crop."""
+    if spec.cache_size is None or spec.image_size is None:
+        return decode_image(path, spec)[0]
+    pixels = decode_image(path, spec, short_side=spec.cache_size)[0]
+    top = (spec.cache_size - spec.image_size) // 2
+    return np.ascontiguousarray(pixels[top : top + spec.image_size, top : top + spec.image_size])
+
+
+def resize_short_side(image: Any, size: int) -> Any:
+    """The shorter side scaled to `size` (bilinear), then the centred size×size square."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.resize((new_w, new_h), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
 
 
 def to_eight_bit(image: object) -> object:

@@ -40,9 +40,13 @@ class ImageSet:
     # of array y_<task>; `y` above is then the first column (or the first y_<task>) for the split
     task_labels: dict[str, np.ndarray] | None = None
     task_classes: dict[str, list[str]] | None = None  # npz classes_<task>: class names of a named task
+    crop: int | None = None  # stored larger (data.cache_size): the network sees crop×crop images
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """The shape the network sees: (C, H, W) of an image, or of its crop."""
+        if self.crop is not None:
+            return (self.x.shape[1], self.crop, self.crop)
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
 
@@ -309,5 +313,12 @@ def npz_member_sizes(path: Path) -> dict[str, int]:
 
 
 import dragontrainer.data.archives  # noqa: E402  (registers cifar, mnist-idx)
-import dragontrainer.data.image_folder  # noqa: E402, F401  (registers image-folder)
-from dragontrainer.data.image_folder import decode_image  # noqa: E402, F401  (re-exported)
+import dragontrainer.data.image_folder  # noqa: E402  (registers image-folder)
+
+
+def __getattr__(name: str) -> object:
+    """decode_image / decode_for_network, re-exported lazily: image_folder imports this module, so a
+    name import here would fail whenever image_folder is imported first (the decoded cache does)."""
+    if name in ("decode_image", "decode_for_network"):
+        return getattr(dragontrainer.data.image_folder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

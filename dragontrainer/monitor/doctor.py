@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dragontrainer.data.prepare import PreparedData, prepare_data
+from dragontrainer.data.residency import image_digests
 from dragontrainer.monitor.diagnose import expected_distinct_classes
 from dragontrainer.monitor.stats import input_problem, input_summary
 from dragontrainer.nn.models import create_model
@@ -183,13 +184,22 @@ def row_keys(x: np.ndarray) -> np.ndarray:
     return rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).ravel()
 
 
+def split_keys(data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    """Comparable keys of the training images and of the held-out ones (validation + test). Streamed
+    data is read in chunks and hashed (16-byte digests), never copied whole into memory."""
+    split = data.split
+    if data.residency is None or data.residency.mode == "device":
+        x = data.images.x
+        return row_keys(x[split.train]), row_keys(x[np.concatenate([split.val, split.test])])
+    held = [image_digests(loader) for loader in (data.val, data.test) if loader is not None]
+    return image_digests(data.train), np.concatenate(held)
+
+
 @check("split_overlap")
 def split_overlap(patient: Patient) -> Check:
     """Identical images in training and validation/test make the held-out score a lie."""
-    x, split = patient.data.images.x, patient.data.split
-    train_keys = row_keys(x[split.train])
-    held = np.concatenate([split.val, split.test])
-    duplicates = int(np.isin(row_keys(x[held]), train_keys).sum()) if len(held) else 0
+    train_keys, held = split_keys(patient.data)
+    duplicates = int(np.isin(held, train_keys).sum()) if len(held) else 0
     numbers = {"duplicates": duplicates, "held_out": len(held)}
     share = duplicates / max(len(held), 1)
     if share > 0.05:

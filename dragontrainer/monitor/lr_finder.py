@@ -329,7 +329,7 @@ def lr_find(
     data = prepare_data(recipe, device)
     channels, size, _ = data.images.image_shape
     augment = create_augmenter(recipe.augment, data.images.image_shape, data.images.flip_safe,
-                               torch.from_numpy(data.images.x[data.split.train]), data.num_classes)  # fmt: skip
+                               data.training_images(), data.num_classes)  # fmt: skip
     states, model = [], None
     for index in range(recipe.lr_find.repeats):
         seed_everything(recipe.seed + index)

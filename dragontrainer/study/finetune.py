@@ -148,10 +148,14 @@ def measure(base: Recipe, out: Path, console: Console) -> dict[str, Any]:
     data = prepare_data(base, device)
     adopt_source(base, data, console)
     channels, size, _ = data.images.image_shape
-    x, y = torch.from_numpy(data.images.x).to(device), data.images.y
+    y = data.images.y
+    loaders = {"train": data.train, "val": data.val, "test": data.test}
 
-    def features(model: torch.nn.Module, index: np.ndarray) -> dict[str, np.ndarray]:
-        return stage_features(model, x[torch.from_numpy(index).to(device)], data.preprocessor)
+    def features(model: torch.nn.Module, part: str) -> dict[str, np.ndarray]:
+        # a split's images through its loader (resident or streamed, centre crops with data.cache_size)
+        loader = loaders[part]
+        assert loader is not None
+        return stage_features(model, loader.take(torch.arange(loader.num_images))[0], data.preprocessor)
 
     def build() -> torch.nn.Module:
         return create_model(base.model, in_channels=channels, num_classes=data.num_classes, image_size=size).to(device)
@@ -159,15 +163,15 @@ def measure(base: Recipe, out: Path, console: Console) -> dict[str, Any]:
     source = build()
     load_pretrained(source, base.model.weights)  # type: ignore[arg-type]
     split = data.split
-    test = (features(source, split.test), y[split.test]) if len(split.test) else (None, None)
+    test = (features(source, "test"), y[split.test]) if len(split.test) else (None, None)
     scores = probe_stages(
-        features(source, split.train), y[split.train], features(source, split.val), y[split.val], *test,
+        features(source, "train"), y[split.train], features(source, "val"), y[split.val], *test,
         seed=base.seed,
     )  # fmt: skip
     random_net = build()  # the same architecture, initialised as the recipe says, never trained
-    top = {"head": features(random_net, split.train)["head"]}, {"head": features(random_net, split.val)["head"]}
+    top = {"head": features(random_net, "train")["head"]}, {"head": features(random_net, "val")["head"]}
     random_score = probe_stages(top[0], y[split.train], top[1], y[split.val], classifiers=("logistic_regression",))
-    save_probe_head(source, features(source, split.train)["head"], y[split.train], out, base.seed)
+    save_probe_head(source, features(source, "train")["head"], y[split.train], out, base.seed)
     counts = np.bincount(y[split.train], minlength=data.num_classes)
     result = {
         "train_images": len(split.train),

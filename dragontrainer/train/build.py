@@ -42,7 +42,7 @@ from dragontrainer.train.snapshots import ensemble_callbacks
 def build_augmenter(recipe: Recipe, data: PreparedData) -> Augmenter:
     """The recipe's augmentation, with extra draws for rare classes when `augment.rare_class_boost`."""
     labels = data.train.labels
-    train_images = torch.from_numpy(data.images.x[data.split.train])  # colour statistics (PCA lighting)
+    train_images = data.training_images()  # colour statistics (PCA lighting); a sample when streamed
     augment = create_augmenter(
         recipe.augment, data.images.image_shape, data.images.flip_safe, train_images, data.num_classes
     )

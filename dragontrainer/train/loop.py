@@ -69,7 +69,7 @@ def fit(
     device = resolve_device(recipe.train.device)
     configure_determinism(recipe.train.deterministic, device)
     seed_everything(recipe.seed)
-    data = prepare_data(recipe, device)
+    data = prepare_data(recipe, device, console)  # says where the images live (data.resident)
     adopt_source(recipe, data, console)  # transfer.preprocess=source: the source run's statistics and names
     save_preprocessor(run, data.preprocessor)
     augment = build_augmenter(recipe, data)
