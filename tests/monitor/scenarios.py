@@ -8,7 +8,8 @@ one of them. A healthy control (strong regularisation included) must produce no 
     python -m tests.monitor.scenarios --all             # the full matrix: top-finding accuracy, false alarms
     python -m tests.monitor.scenarios --all --part 0/2  # half of it (run 1/2 beside it on a second core)
     python -m tests.monitor.scenarios digits/healthy    # chosen cases, every finding printed
-    python -m tests.monitor.scenarios --all --keep DIR  # keep the run folders (DIR/<dataset>_<name>/run)
+    python -m tests.monitor.scenarios --all --keep DIR  # keep the run folders (DIR/<dataset>_<name>/run);
+                                                        # the same command continues after a kill
     python -m tests.monitor.scenarios --rediagnose DIR  # diagnose kept run folders again, without training
 """
 
@@ -286,9 +287,15 @@ def main(argv: list[str]) -> None:
     def trained(dataset: str, scenario: Scenario) -> list[dict]:
         if "--keep" in options:
             folder = Path(options["--keep"]) / f"{dataset}_{scenario.name}"
+            if (folder / "trained").exists():  # kept by an earlier call: a killed matrix continues
+                from dragontrainer.monitor.diagnose import diagnose
+
+                return [f.to_dict() for f in diagnose(folder / "run")]
             if folder.exists() and {p.name for p in folder.iterdir()} <= {"data", "run"}:
-                shutil.rmtree(folder)  # this script's own folder from an earlier call; anything else is refused
-            return run_scenario(scenario, folder, dataset)
+                shutil.rmtree(folder)  # this script's own unfinished folder; anything else is refused
+            found = run_scenario(scenario, folder, dataset)
+            (folder / "trained").touch()
+            return found
         with tempfile.TemporaryDirectory() as tmp:
             return run_scenario(scenario, Path(tmp), dataset)
 

@@ -74,24 +74,32 @@ def plateaued(run: RunRecords) -> bool:
     return len(window) >= 2 and window[-1][key] - window[0][key] < 0.03
 
 
-@rule("underfitting", "generalisation")
+@rule("underfitting", "generalisation", explains=("loss_not_decreasing",))
 def underfitting(run: RunRecords) -> Finding | None:
-    """Low training accuracy, no gap, and no longer improving: the model cannot fit its training data."""
+    """Low training accuracy (eval mode) and no gap: the model cannot fit its training data. Strong when
+    the recipe squeezes every image through fewer numbers than there are classes and the labels do
+    follow the images (nearest neighbours agree): then even a network stuck at chance is too small;
+    otherwise inferred once the accuracy is above chance and no longer improving."""
     fit = run.fit
     if fit is None or run.kind("diverged") or strong_regularisation(run.recipe, run.lr):
         return None
-    if fit.train >= 0.85 or not run.above_chance(fit.val, fit.n_val) or abs(fit.gap) > max(0.05, fit.noise):
+    if fit.train >= 0.85 or abs(fit.gap) > max(0.05, fit.noise):
         return None
-    if not plateaued(run):
-        return None  # still climbing: not converged yet rather than too small (lr_too_low covers slow runs)
+    narrow = run.bottleneck if run.labels_follow_images else None
+    if narrow is None and (not run.above_chance(fit.val, fit.n_val) or not plateaued(run)):
+        return None  # at chance something else is broken; still climbing: not converged yet rather than
+        # too small (lr_too_low covers slow runs)
     widths = run.recipe.model.widths
-    bigger = f"model.widths=[{','.join(str(2 * w) for w in widths)}]" if widths else "model.name=resnet"
+    bigger = f"model.widths=[{','.join(str(max(2 * w, run.num_classes)) for w in widths)}]" if widths else (
+        "model.name=resnet")  # fmt: skip
+    squeezed = f"; its narrowest layer has {narrow} units for {run.num_classes} classes" if narrow else ""
     return Finding(
         "underfitting", "warning",
         f"underfitting: training accuracy {pct(fit.train)} (eval mode) and validation {pct(fit.val)} are both low, "
-        "with no gap, and no longer improving",
+        f"with no gap{squeezed if narrow else ', and no longer improving'}",
         [bigger], f"more capacity; or train longer (train.epochs={run.recipe.train.epochs * 2})",
-        {"train_accuracy": fit.train, "val_accuracy": fit.val}, plot="accuracy",
+        {"train_accuracy": fit.train, "val_accuracy": fit.val, "bottleneck": narrow}, plot="accuracy",
+        strong=narrow is not None,
     )  # fmt: skip
 
 
