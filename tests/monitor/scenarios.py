@@ -279,7 +279,7 @@ def main(argv: list[str]) -> None:
         from dragontrainer.monitor.diagnose import diagnose
 
         kept = Path(options["--rediagnose"])
-        found = [(d, s) for d, s in CASES if (kept / f"{d}_{s.name}" / "run" / "data.json").exists()]
+        found = [(d, s) for d, s in CASES if (kept / f"{d}_{s.name}" / "trained").exists()]
         score(found, lambda d, s: [f.to_dict() for f in diagnose(kept / f"{d}_{s.name}" / "run")])
         return
     cases = [(a.split("/")[0], BY_NAME[a.split("/")[1]]) for a in names] or CASES[index::parts]

@@ -144,7 +144,7 @@ def lr_too_low(run: RunRecords) -> Finding | None:
     )  # fmt: skip
 
 
-@rule("loss_not_decreasing", "optimisation", explains=("label_noise",))
+@rule("loss_not_decreasing", "optimisation")
 def loss_not_decreasing(run: RunRecords) -> Finding | None:
     """The loss ended about where it started (and not because it blew up)."""
     if len(run.losses) < 20 or run.initial_loss is None or run.kind("diverged"):
