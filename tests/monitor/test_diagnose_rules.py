@@ -121,3 +121,21 @@ def test_the_initial_loss_is_measured_without_dropout_and_leaves_the_model_untou
     reference = nn.Sequential(*list(model)[:3], list(model)[4]).train()  # dropout left out, batch norm in train mode
     with torch.no_grad():
         assert loss == pytest.approx(float(nn.functional.cross_entropy(reference(probe), labels)), rel=1e-5)
+
+
+def layer_record(step: int, update_ratio: float) -> dict[str, Any]:
+    return {"kind": "layers", "step": step, "epoch": 1, "activations": {},
+            "params": {"w": {"update_ratio": update_ratio, "grad_norm": 1.0, "weight_norm": 10.0}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(("lr", "update_ratio", "fires"), [(0.2, 0.04, True), (0.2, 1e-3, False), (1e-5, 1e-6, True)])
+def test_an_off_range_rate_counts_when_its_updates_are_off_the_same_way(
+    lr: float, update_ratio: float, fires: bool
+) -> None:
+    """Adam at SGD's rate: each step moves the weights by 4% — the rate's own effect, measured."""
+    run = records([0.9] * 3, [0.9] * 3, overrides=("optim.name=adam", f"optim.lr={lr}"),
+                  extra=[layer_record(s, update_ratio) for s in (1, 20, 40)])  # fmt: skip
+    found = RULES.get("lr_off_range")(run)
+    assert (found is not None) == fires
+    if found:
+        assert found.overrides == ["optim.lr=auto"] and found.strong
