@@ -251,13 +251,28 @@ def verdict(scenario: Scenario, findings: list[dict]) -> bool:
     return bool(found) and found[0]["key"] in scenario.expect
 
 
+def markdown_table(outcomes: dict[tuple[str, str], tuple[bool, str]]) -> str:
+    """Scenario rows, data-set columns: ✓, or ✗ with the first problem found (— for none)."""
+    datasets = [d for d in DATASETS if any(key[0] == d for key in outcomes)]
+    lines = [f"| scenario | {' | '.join(datasets)} |", f"|---|{'---|' * len(datasets)}"]
+    for scenario in SCENARIOS:
+        cells = [outcomes.get((d, scenario.name)) for d in datasets]
+        if any(cells):
+            shown = ["" if c is None else "✓" if c[0] else f"✗ {c[1] or '—'}" for c in cells]
+            lines.append(f"| {scenario.name} | {' | '.join(shown)} |")
+    return "\n".join(lines)
+
+
 def score(cases: list[tuple[str, Scenario]], diagnosed: Callable[[str, Scenario], list[dict]]) -> None:
-    """Print every case's findings and, at the end, the top-finding accuracy and the false alarms."""
+    """Print every case's findings and, at the end, the top-finding accuracy, the false alarms and a
+    markdown table of every case (for README)."""
     broken = hits = healthy = alarms = 0
+    outcomes: dict[tuple[str, str], tuple[bool, str]] = {}
     for dataset, scenario in cases:
         started = time.perf_counter()
         found = diagnosed(dataset, scenario)
         ok = verdict(scenario, found)
+        outcomes[dataset, scenario.name] = (ok, problems(found)[0]["key"] if problems(found) else "")
         broken, hits = broken + bool(scenario.expect), hits + (ok and bool(scenario.expect))
         healthy, alarms = healthy + (not scenario.expect), alarms + (not ok and not scenario.expect)
         print(f"== {dataset}/{scenario.name} ({time.perf_counter() - started:.1f} s) {'OK' if ok else 'MISSED'}")
@@ -266,7 +281,7 @@ def score(cases: list[tuple[str, Scenario]], diagnosed: Callable[[str, Scenario]
         sys.stdout.flush()
     rate = hits / broken if broken else math.nan
     print(f"\ntop finding names the cause: {hits}/{broken} broken runs ({rate:.0%}); "
-          f"false alarms: {alarms}/{healthy} healthy runs")  # fmt: skip
+          f"false alarms: {alarms}/{healthy} healthy runs\n\n{markdown_table(outcomes)}")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
