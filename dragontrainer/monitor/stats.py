@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dragontrainer.nn.activations import ReferenceRReLU
+from dragontrainer.nn.layers import DropConnectLinear
 from dragontrainer.recipe import MonitorSpec
 
 ACTIVATION_TYPES = {
@@ -31,6 +32,7 @@ ACTIVATION_TYPES = {
 # outputs beyond these have a local gradient below ~0.02: the unit is saturated (CS231n, "Activation functions")
 SATURATION = {"sigmoid": (0.01, 0.99), "tanh": (-0.99, 0.99)}
 PERCENTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, DropConnectLinear)
 QUANTILE_SAMPLE = 4096  # activations subsampled for percentiles: ±1% of rank, a fraction of the cost
 ACTIVATION_FIELDS = ("mean", "std", "p01", "p25", "p50", "p75", "p99", "dead", "saturated")
 PARAM_FIELDS = ("grad_norm", "weight_norm", "update_ratio", "dist_init")
@@ -203,7 +205,22 @@ class Monitor:
         return {
             "kind": "probe", "step": 0, "images": len(self.probe), **input_summary(self.probe),
             "classes": torch.bincount(labels.cpu(), minlength=num_classes).tolist(),
+            "initial_loss": finite(self.initial_loss(labels)),
         }  # fmt: skip
+
+    @torch.no_grad()
+    def initial_loss(self, labels: torch.Tensor) -> float:
+        """The loss at initialisation on the probe batch with dropout off: what the weights alone give
+        (dropout's 1/(1−p) scaling inflates the first training loss without saying anything about the
+        initialisation). A copy runs in train mode, so batch norm normalises as in the first step and
+        the model's own running statistics and RNG streams stay untouched."""
+        import copy
+
+        model = copy.deepcopy(self.model).train()
+        for module in model.modules():
+            if isinstance(module, DROPOUT_TYPES):
+                module.eval()
+        return float(nn.functional.cross_entropy(model(self.probe).float(), labels))
 
     def flush(self) -> list[dict[str, Any]]:
         """Everything pending as JSON-ready lines (the device syncs happen here, once per epoch)."""

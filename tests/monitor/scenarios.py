@@ -8,15 +8,20 @@ one of them. A healthy control (strong regularisation included) must produce no 
     python -m tests.monitor.scenarios --all             # the full matrix: top-finding accuracy, false alarms
     python -m tests.monitor.scenarios --all --part 0/2  # half of it (run 1/2 beside it on a second core)
     python -m tests.monitor.scenarios digits/healthy    # chosen cases, every finding printed
+    python -m tests.monitor.scenarios --all --keep DIR  # keep the run folders (DIR/<dataset>_<name>/run);
+                                                        # the same command continues after a kill
+    python -m tests.monitor.scenarios --rediagnose DIR  # diagnose kept run folders again, without training
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,18 +251,28 @@ def verdict(scenario: Scenario, findings: list[dict]) -> bool:
     return bool(found) and found[0]["key"] in scenario.expect
 
 
-def main(argv: list[str]) -> None:
-    """`--all [--part I/N]`: the matrix, or its I-th of N interleaved parts; else `dataset/name` cases."""
-    part = argv[argv.index("--part") + 1] if "--part" in argv else "0/1"
-    index, parts = map(int, part.split("/"))
-    every = argv[:1] in ([], ["--all"])
-    cases = CASES[index::parts] if every else [(a.split("/")[0], BY_NAME[a.split("/")[1]]) for a in argv]
+def markdown_table(outcomes: dict[tuple[str, str], tuple[bool, str]]) -> str:
+    """Scenario rows, data-set columns: ✓, or ✗ with the first problem found (— for none)."""
+    datasets = [d for d in DATASETS if any(key[0] == d for key in outcomes)]
+    lines = [f"| scenario | {' | '.join(datasets)} |", f"|---|{'---|' * len(datasets)}"]
+    for scenario in SCENARIOS:
+        cells = [outcomes.get((d, scenario.name)) for d in datasets]
+        if any(cells):
+            shown = ["" if c is None else "✓" if c[0] else f"✗ {c[1] or '—'}" for c in cells]
+            lines.append(f"| {scenario.name} | {' | '.join(shown)} |")
+    return "\n".join(lines)
+
+
+def score(cases: list[tuple[str, Scenario]], diagnosed: Callable[[str, Scenario], list[dict]]) -> None:
+    """Print every case's findings and, at the end, the top-finding accuracy, the false alarms and a
+    markdown table of every case (for README)."""
     broken = hits = healthy = alarms = 0
+    outcomes: dict[tuple[str, str], tuple[bool, str]] = {}
     for dataset, scenario in cases:
-        with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
-            found = run_scenario(scenario, Path(tmp), dataset)
+        started = time.perf_counter()
+        found = diagnosed(dataset, scenario)
         ok = verdict(scenario, found)
+        outcomes[dataset, scenario.name] = (ok, problems(found)[0]["key"] if problems(found) else "")
         broken, hits = broken + bool(scenario.expect), hits + (ok and bool(scenario.expect))
         healthy, alarms = healthy + (not scenario.expect), alarms + (not ok and not scenario.expect)
         print(f"== {dataset}/{scenario.name} ({time.perf_counter() - started:.1f} s) {'OK' if ok else 'MISSED'}")
@@ -266,7 +281,40 @@ def main(argv: list[str]) -> None:
         sys.stdout.flush()
     rate = hits / broken if broken else math.nan
     print(f"\ntop finding names the cause: {hits}/{broken} broken runs ({rate:.0%}); "
-          f"false alarms: {alarms}/{healthy} healthy runs")  # fmt: skip
+          f"false alarms: {alarms}/{healthy} healthy runs\n\n{markdown_table(outcomes)}")  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    """`--all [--part I/N] [--keep DIR]`: the matrix, or its I-th of N interleaved parts; `--rediagnose DIR`:
+    the kept run folders diagnosed again (after a rule changed); else `dataset/name` cases."""
+    options = {flag: argv[argv.index(flag) + 1] for flag in ("--part", "--keep", "--rediagnose") if flag in argv}
+    names = [a for a in argv if a.count("/") == 1 and not a.startswith("-") and a not in options.values()]
+    index, parts = map(int, options.get("--part", "0/1").split("/"))
+    if "--rediagnose" in options:
+        from dragontrainer.monitor.diagnose import diagnose
+
+        kept = Path(options["--rediagnose"])
+        found = [(d, s) for d, s in CASES if (kept / f"{d}_{s.name}" / "trained").exists()]
+        score(found, lambda d, s: [f.to_dict() for f in diagnose(kept / f"{d}_{s.name}" / "run")])
+        return
+    cases = [(a.split("/")[0], BY_NAME[a.split("/")[1]]) for a in names] or CASES[index::parts]
+
+    def trained(dataset: str, scenario: Scenario) -> list[dict]:
+        if "--keep" in options:
+            folder = Path(options["--keep"]) / f"{dataset}_{scenario.name}"
+            if (folder / "trained").exists():  # kept by an earlier call: a killed matrix continues
+                from dragontrainer.monitor.diagnose import diagnose
+
+                return [f.to_dict() for f in diagnose(folder / "run")]
+            if folder.exists() and {p.name for p in folder.iterdir()} <= {"data", "run"}:
+                shutil.rmtree(folder)  # this script's own unfinished folder; anything else is refused
+            found = run_scenario(scenario, folder, dataset)
+            (folder / "trained").touch()
+            return found
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_scenario(scenario, Path(tmp), dataset)
+
+    score(cases, trained)
 
 
 if __name__ == "__main__":

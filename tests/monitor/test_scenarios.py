@@ -26,10 +26,11 @@ SUBSET = [("digits", "healthy"), ("shapes", "healthy"), ("letters", "healthy"),
           ("digits", "healthy_small_dense")]  # fmt: skip
 BROKEN = [s.name for s in SCENARIOS if s.expect]
 SUBSET += [(BY_NAME[name].datasets[i % len(BY_NAME[name].datasets)], name) for i, name in enumerate(BROKEN)]
-# Known misses of the ranking, measured in the full suite and listed in issue 10's note: these still rank a
-# symptom (dead units / another cause) first. They stay in the script's figures; here they are left out so
-# the required subset states what holds, not what is hoped.
-KNOWN_MISSES = {("digits", "pca_whiten"), ("digits", "over_regularised"), ("letters", "noisy")}
+# Known misses, measured in the full suite and listed in README: a batch of 8 with the learning rate scaled
+# linearly trains the letters better than the control does, so no finding is the right one for what the run
+# shows (its loss swings 6-12% of the loss still to lose). It stays in the script's figures; here it is
+# left out so the required subset states what holds, not what is hoped.
+KNOWN_MISSES = {("letters", "noisy")}
 SUBSET = [case for case in SUBSET if case not in KNOWN_MISSES]
 KEY_VALUE = re.compile(r"\b([a-z_]+(?:\.[a-z_]+)+=[^\s,;)]+)")
 

@@ -159,6 +159,43 @@ class RunRecords:
         n_train = last.get("eval_images") or self.data.get("num_train", 1)
         return Fit(train, self.val[-1]["accuracy"], n_train, max(self.data.get("num_val", 1), 1), eval_mode)
 
+    @cached_property
+    def neighbours(self) -> dict[str, Any] | None:
+        """The start check's nearest-neighbour label agreement on pixels (a model-free measure of how
+        much the labels follow the images), with `band`: 3 standard errors of it."""
+        knn = self.check_numbers("label_consistency")
+        if not knn or knn.get("agreement") is None:
+            return None
+        a, queries = knn["agreement"], max(knn.get("queries", 1), 1)
+        return {**knn, "band": 3 * math.sqrt(max(a * (1 - a), 1 / queries) / queries)}
+
+    @property
+    def labels_follow_images(self) -> bool:
+        """Nearest neighbours share labels beyond chance (true when not measured)."""
+        knn = self.neighbours
+        if knn is None:
+            return True
+        chance = knn["chance"]
+        return knn["agreement"] > chance + 3 * math.sqrt(chance * (1 - chance) / max(knn["queries"], 1))
+
+    @cached_property
+    def first_loss(self) -> float | None:
+        """The loss at initialisation without dropout (the probe record's), else the first step's:
+        dropout's 1/(1−p) scaling inflates a training step's loss whatever the initialisation."""
+        probes = self.kind("probe")
+        measured = probes[0].get("initial_loss") if probes else None
+        return measured if measured is not None else self.initial_loss
+
+    @cached_property
+    def bottleneck(self) -> int | None:
+        """The narrowest dense representation (a hidden layer's units, or the features the classifier
+        reads) when it has fewer numbers than there are classes: every image is squeezed through it."""
+        dense = [w.shape for w in (self.initial_weights or {}).values() if w.ndim == 2]
+        hidden = [s[0] for s in dense if s[0] != self.num_classes]
+        features = [s[1] for s in dense if s[0] == self.num_classes]
+        narrowest = min([*hidden, *features], default=None)
+        return narrowest if narrowest is not None and narrowest < self.num_classes else None
+
     def above_chance(self, accuracy: float, n: int) -> bool:
         """Accuracy beyond chance by more than 3 standard errors of a guess on `n` images."""
         return accuracy > self.chance + 3 * math.sqrt(self.chance * (1 - self.chance) / max(n, 1))

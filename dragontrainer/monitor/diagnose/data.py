@@ -55,20 +55,22 @@ def noise_amplification(run: RunRecords) -> Finding | None:
         return None
     eps = run.recipe.preprocess.eps
     variances = (1 / torch.linalg.svdvals(state["matrix"].double()) ** 2 - eps).clamp_min(0)
-    amplified = float((variances < 1e-3 * variances.max()).double().mean())
+    faint = variances < 1e-3 * variances.max()  # under 1/1000 of the top variance: noise, not signal
+    whitened = variances / (variances + eps)  # each component's variance after whitening
+    amplified = float(whitened[faint].sum() / whitened.sum())  # their share of what the network sees
     knn = run.check_numbers("label_consistency") or {}
     lost = knn.get("preprocessed_agreement") is not None and (
         knn["preprocessed_agreement"] - knn["chance"] < 0.5 * (knn["agreement"] - knn["chance"])
     )
     best_val = max((r["accuracy"] for r in run.val), default=0.0)
     harmed = lost or not run.above_chance(best_val, run.data.get("num_val", 1))
-    if amplified < 0.25 or not harmed:
-        return None
+    if amplified < 0.1 or not harmed:
+        return None  # under a tenth of the input is amplified noise, or no measured harm
     suggested = float(f"{float(variances.mean()):.0e}")
     return Finding(
         "noise_amplification", "error" if not run.above_chance(best_val, run.data.get("num_val", 1)) else "warning",
-        f"{name} with eps {eps:g} amplifies noise: {pct(amplified)} of the components carry under 1/1000 of the "
-        f"top variance and are scaled up to unit variance like the signal"
+        f"{name} with eps {eps:g} amplifies noise: components that carry under 1/1000 of the top variance "
+        f"are scaled up like the signal and make {pct(amplified)} of the network's input"
         + (f"; nearest-neighbour label agreement drops from {pct(knn['agreement'])} on pixels to "
            f"{pct(knn['preprocessed_agreement'])} after it" if lost else ""),
         [f"preprocess.eps={suggested:g}"], "eps about the mean component variance damps the noise components; "
@@ -153,6 +155,10 @@ def label_noise(run: RunRecords) -> Finding | None:
     if noise["rate"] < 0.5 * (1 - best_val) or noise.get("clean_agreement", 1.0) < 0.85:
         return None  # a weak model, not bad labels: wrong labels explain little of its error, or its
         # predictions disagree with many of the labels it keeps as well
+    knn = run.neighbours
+    if knn is not None and noise["rate"] > 1 - knn["agreement"] + knn["band"]:
+        return None  # a model-free bound refutes it: a share r of wrong training labels caps the nearest
+        # neighbour's agreement at 1 − r, so the features, not the labels, disagree (a weak model)
     return Finding(
         "label_noise", "warning" if noise["rate"] >= 0.1 else "info",
         f"noisy labels: about {pct(noise['rate'])} of the training labels look wrong (confident learning on "

@@ -37,18 +37,28 @@ def strong_regularisation(recipe: Recipe, lr: float) -> list[str]:
     return [key for key, strong in found.items() if strong]
 
 
-def milder(recipe: Recipe, key: str) -> str:
-    """`key=value` with the knob at a usual strength."""
+def milder(recipe: Recipe, key: str) -> str | None:
+    """`key=value` with the knob at a usual strength; None when it is there already (weight decay that
+    removes too much per step at the usual coefficient: the learning rate is what is too large)."""
     usual = {"model.dropout": 0.3, "optim.weight_decay": 5e-4 if recipe.optim.name != "adamw" else 0.05,
              "regularize.strength": 1e-4, "train.label_smoothing": 0.1, "model.spatial_dropout": 0.1,
              "model.dropconnect": 0.3}  # fmt: skip
-    return f"{key}={usual[key]:g}"
+    section, name = key.split(".")
+    return f"{key}={usual[key]:g}" if usual[key] < getattr(getattr(recipe, section), name) else None
 
 
 @rule(
     "over_regularisation",
     "generalisation",
-    explains=("underfitting", "val_better_than_train", "label_noise", "loss_not_decreasing"),
+    # weights decayed towards zero leave ReLUs dead; dropout's 1/(1−p) scaling inflates activations and gradients
+    explains=(
+        "underfitting",
+        "val_better_than_train",
+        "label_noise",
+        "loss_not_decreasing",
+        "dead_units",
+        "exploding_gradients",
+    ),
 )
 def over_regularisation(run: RunRecords) -> Finding | None:
     """Strong regularisation keeps the model from fitting even its training data (eval mode)."""
@@ -59,39 +69,49 @@ def over_regularisation(run: RunRecords) -> Finding | None:
         "over_regularisation", "warning",
         f"over-regularised: training accuracy {pct(fit.train)} (eval mode) is no better than validation "
         f"{pct(fit.val)} with {', '.join(strong)} strong",
-        [milder(run.recipe, k) for k in strong], "regularise less",
+        [m for k in strong if (m := milder(run.recipe, k))], "regularise less",
         {"train_accuracy": fit.train, "val_accuracy": fit.val, "knobs": strong}, plot="accuracy", strong=True,
     )  # fmt: skip
 
 
 def plateaued(run: RunRecords) -> bool:
-    """Training accuracy stopped rising while the learning rate was still ≥ 30% of its peak: a decayed
-    schedule flattens every curve at the end, which says nothing about capacity."""
-    peak = max(r["lr"] for r in run.train)
-    active = [r for r in run.train if r["lr"] >= 0.3 * peak] or run.train
-    window = active[-max(2, len(active) // 4) :]
-    key = "eval_accuracy" if window[-1].get("eval_accuracy") is not None else "accuracy"
-    return len(window) >= 2 and window[-1][key] - window[0][key] < 0.03
+    """The second half of the run gained under 3 points of training accuracy (eval mode) over the best of
+    the first half: it stopped learning. Best against best, so one noisy epoch of the fixed probe (±2
+    points) neither makes nor hides a plateau, whatever the schedule does in between."""
+    key = "eval_accuracy" if run.train[-1].get("eval_accuracy") is not None else "accuracy"
+    half = len(run.train) // 2
+    if half < 2:
+        return False
+    first, second = (max(r[key] for r in part) for part in (run.train[:half], run.train[half:]))
+    return second - first < 0.03
 
 
-@rule("underfitting", "generalisation")
+@rule("underfitting", "generalisation", explains=("loss_not_decreasing",))
 def underfitting(run: RunRecords) -> Finding | None:
-    """Low training accuracy, no gap, and no longer improving: the model cannot fit its training data."""
+    """Low training accuracy (eval mode) and no gap: the model cannot fit its training data. Strong when
+    the recipe squeezes every image through fewer numbers than there are classes and the labels do
+    follow the images (nearest neighbours agree): then even a network stuck at chance is too small;
+    otherwise inferred once the accuracy is above chance and no longer improving."""
     fit = run.fit
     if fit is None or run.kind("diverged") or strong_regularisation(run.recipe, run.lr):
         return None
-    if fit.train >= 0.85 or not run.above_chance(fit.val, fit.n_val) or abs(fit.gap) > max(0.05, fit.noise):
+    if fit.train >= 0.85 or abs(fit.gap) > max(0.05, fit.noise):
         return None
-    if not plateaued(run):
-        return None  # still climbing: not converged yet rather than too small (lr_too_low covers slow runs)
+    narrow = run.bottleneck if run.labels_follow_images else None
+    if narrow is None and (not run.above_chance(fit.val, fit.n_val) or not plateaued(run)):
+        return None  # at chance something else is broken; still climbing: not converged yet rather than
+        # too small (lr_too_low covers slow runs)
     widths = run.recipe.model.widths
-    bigger = f"model.widths=[{','.join(str(2 * w) for w in widths)}]" if widths else "model.name=resnet"
+    bigger = f"model.widths=[{','.join(str(max(2 * w, run.num_classes)) for w in widths)}]" if widths else (
+        "model.name=resnet")  # fmt: skip
+    squeezed = f"; its narrowest layer has {narrow} units for {run.num_classes} classes" if narrow else ""
     return Finding(
         "underfitting", "warning",
         f"underfitting: training accuracy {pct(fit.train)} (eval mode) and validation {pct(fit.val)} are both low, "
-        "with no gap, and no longer improving",
+        f"with no gap{squeezed if narrow else ', and no longer improving'}",
         [bigger], f"more capacity; or train longer (train.epochs={run.recipe.train.epochs * 2})",
-        {"train_accuracy": fit.train, "val_accuracy": fit.val}, plot="accuracy",
+        {"train_accuracy": fit.train, "val_accuracy": fit.val, "bottleneck": narrow}, plot="accuracy",
+        strong=narrow is not None,
     )  # fmt: skip
 
 
@@ -99,7 +119,12 @@ def underfitting(run: RunRecords) -> Finding | None:
 def overfitting(run: RunRecords) -> Finding | None:
     """Training accuracy (eval mode) far above validation, beyond both estimates' noise."""
     fit = run.fit
-    if fit is None or fit.gap < max(0.1, fit.noise) or not run.above_chance(fit.train, fit.n_train):
+    if fit is None or fit.gap < fit.noise or not run.above_chance(fit.train, fit.n_train):
+        return None
+    # material: 10 points, or — once the model has memorised its training images, so the whole validation
+    # error is the gap — 5% of the range above chance (on a set that lets it reach 99%, 1.5 points is fine)
+    memorised = fit.train >= 1 - 1 / max(fit.n_train, 100)
+    if fit.gap < 0.1 and not (memorised and fit.gap >= 0.05 * (1 - run.chance)):
         return None
     model = run.recipe.model
     overrides = (

@@ -25,16 +25,28 @@ def symmetric_layers(initial: dict[str, Any]) -> list[str]:
     return names
 
 
-def he_scale(initial: dict[str, Any]) -> float | None:
-    """Median over layers of std(W)·√(fan_in / 2): 1 at He's variance-preserving scale for ReLU."""
-    scales = [float(w.float().std()) * math.sqrt(w[0].numel() / 2) for w in initial.values() if w[0].numel() > 1]
+SATURATING = {"sigmoid", "tanh"}  # variance-preserving at LeCun/Xavier's 1/fan_in, not He's 2/fan_in
+
+
+def init_scale(initial: dict[str, Any], activation: str = "relu") -> float | None:
+    """Median over layers of std(W)·√(fan_in / gain): 1 at the activation's variance-preserving scale
+    (He's gain 2 for the ReLU family, LeCun/Xavier's gain 1 for sigmoid and tanh)."""
+    gain = 1 if activation in SATURATING else 2
+    scales = [float(w.float().std()) * math.sqrt(w[0].numel() / gain) for w in initial.values() if w[0].numel() > 1]
     return statistics.median(scales) if scales else None
+
+
+def not_fitting(run: RunRecords) -> bool:
+    """The network fits its own training images (eval mode) clearly worse than a nearest-neighbour
+    lookup on pixels predicts unseen ones: training went badly, whatever the data set."""
+    knn, fit = run.neighbours, run.fit
+    return knn is not None and fit is not None and fit.train < knn["agreement"] - knn["band"] - fit.noise
 
 
 @rule("bad_init", "initialisation", explains=INIT_SYMPTOMS)
 def bad_init(run: RunRecords) -> Finding | None:
-    """Zero or symmetric initial weights, weights far off a variance-preserving scale without normalisation
-    layers, or an initial loss far above ln C."""
+    """Zero or symmetric initial weights, weights far off the activation's variance-preserving scale
+    without normalisation layers, or an initial loss (dropout off) far above ln C."""
     init, initial = run.recipe.model.init, run.initial_weights or {}
     symmetric = symmetric_layers(initial)
     if symmetric:
@@ -45,10 +57,12 @@ def bad_init(run: RunRecords) -> Finding | None:
             ["model.init=auto"], "random weights at a variance-preserving scale (He for ReLU, Xavier for tanh)",
             {"layers": symmetric, "init": init}, plot="grad", strong=True,
         )  # fmt: skip
-    first, expected = run.initial_loss, run.expected_initial_loss
-    scale = he_scale(initial) if run.recipe.model.norm == "none" else None
-    troubled = stalled(run) or run.kind("diverged") or run.kind("rollback")  # else the scale did no harm
-    off_scale = scale is not None and not 0.1 <= scale <= 5 and bool(troubled)
+    first, expected = run.first_loss, run.expected_initial_loss
+    activation = run.recipe.model.activation
+    scale = init_scale(initial, activation) if run.recipe.model.norm == "none" else None
+    troubled = stalled(run) or run.kind("diverged") or run.kind("rollback") or not_fitting(run)  # else no harm
+    # a layer at scale s multiplies its input's variance by s²: ten times or more either way is off
+    off_scale = scale is not None and not 0.1 <= scale**2 <= 10 and bool(troubled)
     probes = run.kind("probe")
     huge_inputs = bool(probes) and input_problem(probes[0]) == "scale"  # they, not the weights, inflate the loss
     if not off_scale and (first is None or first < 3 * expected or huge_inputs):
@@ -56,11 +70,12 @@ def bad_init(run: RunRecords) -> Finding | None:
     measured = (f"the initial loss {fmt(first)} is far above ln {run.num_classes} = {fmt(expected)}"
                 if first is not None and first >= 3 * expected else "")  # fmt: skip
     if off_scale:
-        measured += (" and " if measured else "") + f"the weights start at {fmt(scale or 0)}× He's scale"
+        reference = "LeCun/Xavier" if activation in SATURATING else "He"
+        measured += (" and " if measured else "") + f"the weights start at {fmt(scale or 0)}× {reference}'s scale"
     return Finding(
         "bad_init", "warning", f"bad initialisation ({init}): {measured}",
         ["model.init=auto"], "a variance-preserving scale; normalisation layers (model.norm=batch) also make it "
-        "matter less", {"initial_loss": first, "expected": expected, "he_scale": scale}, plot="loss", strong=True,
+        "matter less", {"initial_loss": first, "expected": expected, "init_scale": scale}, plot="loss", strong=True,
     )  # fmt: skip
 
 

@@ -39,7 +39,10 @@ def median_update_ratio(records: list[dict[str, Any]]) -> float | None:
 def lr_off_range(run: RunRecords) -> Finding | None:
     """The learning rate is ten times or more off its optimiser's usual range, and the run shows it."""
     ratio = run.lr / run.usual_lr
-    troubled = run.kind("diverged") or run.kind("rollback") or loss_rose(run) or stalled(run)
+    updates = median_update_ratio(run.layers)
+    # the rate's own effect, in the same direction: updates ten times off the healthy ≈ 1e-3 of the weights
+    sized = updates is not None and (updates > 1e-2 if ratio > 1 else updates < 1e-4)
+    troubled = run.kind("diverged") or run.kind("rollback") or loss_rose(run) or stalled(run) or sized
     if run.recipe.optim.lr == "auto" or 0.1 < ratio < 10 or not troubled:
         return None
     return Finding(
@@ -47,7 +50,8 @@ def lr_off_range(run: RunRecords) -> Finding | None:
         f"learning rate {fmt(run.lr)} is {ratio:.3g}× the usual rate of {run.recipe.optim.name} "
         f"({fmt(run.usual_lr)} per {run.recipe.optim.reference_batch_size} images)",
         ["optim.lr=auto"], "each optimiser family has its own scale: `auto` picks it (optim/optimizers.py AUTO_LR)",
-        {"lr": run.lr, "usual_lr": run.usual_lr, "ratio": ratio}, plot="loss", strong=True,
+        {"lr": run.lr, "usual_lr": run.usual_lr, "ratio": ratio, "median_update_ratio": updates}, plot="loss",
+        strong=True,
     )  # fmt: skip
 
 
@@ -144,7 +148,7 @@ def lr_too_low(run: RunRecords) -> Finding | None:
     )  # fmt: skip
 
 
-@rule("loss_not_decreasing", "optimisation", explains=("underfitting", "label_noise"))
+@rule("loss_not_decreasing", "optimisation")
 def loss_not_decreasing(run: RunRecords) -> Finding | None:
     """The loss ended about where it started (and not because it blew up)."""
     if len(run.losses) < 20 or run.initial_loss is None or run.kind("diverged"):
