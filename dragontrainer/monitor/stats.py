@@ -15,6 +15,7 @@ Plus one `probe` line at the start: the statistics of the network's input after 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -214,8 +215,6 @@ class Monitor:
         (dropout's 1/(1−p) scaling inflates the first training loss without saying anything about the
         initialisation). A copy runs in train mode, so batch norm normalises as in the first step and
         the model's own running statistics and RNG streams stay untouched."""
-        import copy
-
         model = copy.deepcopy(self.model).train()
         for module in model.modules():
             if isinstance(module, DROPOUT_TYPES):

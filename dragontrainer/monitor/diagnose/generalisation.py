@@ -108,7 +108,7 @@ def underfitting(run: RunRecords) -> Finding | None:
     return Finding(
         "underfitting", "warning",
         f"underfitting: training accuracy {pct(fit.train)} (eval mode) and validation {pct(fit.val)} are both low, "
-        f"with no gap{squeezed if narrow else ', and no longer improving'}",
+        f"with no gap{squeezed or ', and no longer improving'}",
         [bigger], f"more capacity; or train longer (train.epochs={run.recipe.train.epochs * 2})",
         {"train_accuracy": fit.train, "val_accuracy": fit.val, "bottleneck": narrow}, plot="accuracy",
         strong=narrow is not None,
