@@ -71,7 +71,7 @@ def prepare_data(recipe: Recipe, device: torch.device, console: Console | None =
     images = loaded.images
     tasks = resolve_tasks(images, recipe)  # None: one label per image, the default path
     check_task_recipe(recipe, tasks)
-    images = main_task_images(images, tasks)
+    images = loaded.images = main_task_images(images, tasks)  # the loaders serve the main task's labels
     if tasks is not None and loaded.residency.mode == "stream":
         raise RecipeError(
             "recipe field data.resident: several tasks or multi-label targets need the images "
