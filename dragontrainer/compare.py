@@ -397,22 +397,13 @@ def run_links(out: Path, rows: list[RunRow]) -> list[dict[str, Any]]:
 def fixed_settings(rows: list[RunRow], sweeps: dict[str, list[str]]) -> dict[str, Any]:
     """The settings every run shares that differ from the defaults (the comparison's fixed overrides),
     read from the runs' saved recipes; the swept keys, seed and run folder are left out."""
-    from dragontrainer.recipe import Recipe
-
-    def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        items: dict[str, Any] = {}
-        for key, value in values.items():
-            if isinstance(value, dict):
-                items.update(flat(value, f"{prefix}{key}."))
-            else:
-                items[f"{prefix}{key}"] = value
-        return items
+    from dragontrainer.recipe import Recipe, dotted_values
 
     recipes = [Path(r.run_dir) / "recipe.yaml" for r in rows]
     if not recipes or not all(p.is_file() for p in recipes):
         return {}
-    runs = [flat(Recipe.load(p).model_dump(mode="json")) for p in recipes]
-    defaults = flat(Recipe().model_dump(mode="json"))
+    runs = [dotted_values(Recipe.load(p).model_dump(mode="json")) for p in recipes]
+    defaults = dotted_values(Recipe().model_dump(mode="json"))
     skip = {*sweeps, "seed"}
     return {
         key: value for key, value in runs[0].items()

@@ -805,6 +805,17 @@ def schema_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, 
     return keys
 
 
+def dotted_values(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe dump as {"optim.lr": 0.2, ...}: the form overrides, comparisons and trackers use."""
+    items: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            items.update(dotted_values(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
 def check_known_keys(data: Mapping[str, Any], prefix: str = "") -> None:
     """Refuse any key the schema does not have, suggesting the closest valid one."""
     known = schema_keys()

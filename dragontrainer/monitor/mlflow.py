@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dragontrainer.errors import RecipeError
-from dragontrainer.recipe import MonitorSpec, Recipe
+from dragontrainer.monitor.optional import sink_wanted
+from dragontrainer.recipe import MonitorSpec, Recipe, dotted_values
 from dragontrainer.run import RunDir
 from dragontrainer.train.callbacks import Callback, Logs
 from dragontrainer.train.state import TrainState
@@ -30,17 +30,6 @@ def mlflow_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested recipe -> {"optim.lr": "0.2", ...} (MLflow parameters are flat strings)."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
 
 
 class MlflowTracker(Callback):
@@ -88,7 +77,8 @@ class MlflowTracker(Callback):
             experiment_id, run_name=self.run.path.name, tags={"run_dir": str(self.run.path)}
         )
         run_id = started.info.run_id
-        params = [Param(k, v[:6000]) for k, v in flatten(self.recipe.model_dump(mode="json")).items()]
+        dotted = dotted_values(self.recipe.model_dump(mode="json"))  # MLflow parameters are flat strings
+        params = [Param(k, str(v)[:6000]) for k, v in dotted.items()]
         for i in range(0, len(params), PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
         return run_id
@@ -128,11 +118,6 @@ def tracking_uri(spec: MonitorSpec, run: RunDir) -> str:
 def create_mlflow(recipe: Recipe, run: RunDir) -> MlflowTracker | None:
     """`auto`: when the mlflow package is installed; `on`: required; `off`: never."""
     spec = recipe.monitor
-    if spec.mlflow == "off" or (spec.mlflow == "auto" and not mlflow_available()):
+    if not sink_wanted("monitor.mlflow", spec.mlflow, mlflow_available, "mlflow"):
         return None
-    if not mlflow_available():
-        raise RecipeError(
-            "recipe field monitor.mlflow: 'on' needs the mlflow package "
-            "(pip install 'dragontrainer[mlflow]'), or set it to auto/off"
-        )
     return MlflowTracker(recipe, run, tracking_uri(spec, run))

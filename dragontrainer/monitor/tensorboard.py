@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dragontrainer.errors import RecipeError
+from dragontrainer.monitor.optional import sink_wanted
 from dragontrainer.recipe import MonitorSpec
 from dragontrainer.run import RunDir
 
@@ -56,11 +56,6 @@ def tensorboard_available() -> bool:
 
 def create_tensorboard(spec: MonitorSpec, run: RunDir) -> TensorBoardSink | None:
     """`auto`: when the tensorboard package is installed; `on`: required; `off`: never."""
-    if spec.tensorboard == "off" or (spec.tensorboard == "auto" and not tensorboard_available()):
+    if not sink_wanted("monitor.tensorboard", spec.tensorboard, tensorboard_available, "tensorboard"):
         return None
-    if not tensorboard_available():
-        raise RecipeError(
-            "recipe field monitor.tensorboard: 'on' needs the tensorboard package "
-            "(pip install 'dragontrainer[tensorboard]'), or set it to auto/off"
-        )
     return TensorBoardSink(run)

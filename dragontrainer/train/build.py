@@ -101,13 +101,15 @@ def build_optimizer(recipe: Recipe, model: nn.Module, run: RunDir, console: Cons
     return Optimisation(create_optimizer(groups, recipe.optim, lr), lr, list(group_summary))
 
 
-def build_criterion(recipe: Recipe, data: PreparedData, device: torch.device) -> nn.Module:
-    """Cross-entropy (class-weighted, label-smoothed), sigmoid BCE, or the weighted sum over tasks."""
-    weights = loss_weights(recipe, data)
+def build_criterion(
+    recipe: Recipe, data: PreparedData, weights: torch.Tensor | None, device: torch.device
+) -> nn.Module:
+    """Cross-entropy (class-weighted by `weights`, label-smoothed), sigmoid BCE, or the weighted sum over tasks."""
     return create_criterion(recipe, None if weights is None else weights.to(device), data.tasks).to(device)
 
 
 def loss_weights(recipe: Recipe, data: PreparedData) -> torch.Tensor | None:
+    """Per-class loss weights from the training split (None: unweighted); data.json keeps them for eval."""
     return class_weights(loss_class_weights(recipe), data.train.labels, data.num_classes)
 
 

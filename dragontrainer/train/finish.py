@@ -74,10 +74,9 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
 
 
 def write_label_noise(loop: Loop, recipe: Recipe, state: TrainState) -> None:
-    """Confident learning on the best checkpoint's features (monitor/evidence.py): a `label_noise` line
-    in stats.jsonl and suspect_labels.csv. Failing to estimate it is reported, never fatal."""
-    if checkpoint_folder(loop.run.checkpoints / "best") is not None:
-        load_model_weights(loop.run.checkpoints / "best", loop.model)
+    """Confident learning on the features of the model as `finish` left it (the best checkpoint's
+    weights; monitor/evidence.py): a `label_noise` line in stats.jsonl and suspect_labels.csv.
+    Failing to estimate it is reported, never fatal."""
     try:
         record = label_noise_record(loop.model, loop.data, loop.run, recipe.seed, state.global_step)
     except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:

@@ -89,7 +89,7 @@ def fit(
     # data.json is what eval/predict need without reloading the data, the loss weights included
     run.write_json("data.json", {**data.info(), "class_weights": None if weights is None else weights.tolist(),
                                  **(data.tasks.info() if data.tasks else {})})  # fmt: skip
-    criterion = build_criterion(recipe, data, device)
+    criterion = build_criterion(recipe, data, weights, device)
     stopper = EarlyStopping(recipe.train.early_stopping)
     callbacks = build_callbacks(
         recipe, run=run, model=model, optimizer=optimisation.optimizer, data=data, steps_per_epoch=steps_per_epoch,
