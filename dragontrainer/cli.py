@@ -38,10 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a library's warning (torch, Pillow) must never come before our error line: held until the end
         warnings.simplefilter("default")
         code = run_handler(args)
+    caught = [w for w in caught if not internal_deprecation(w)]
     if code in (0, 1) and caught:
         for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
             print(f"dragon: note: a library warned: {printable(' '.join(message.split()))[:300]}", file=sys.stderr)
     return code
+
+
+def internal_deprecation(warning: warnings.WarningMessage) -> bool:
+    """torch warning about its own deprecated internals (torch.compile imports them): nothing a user can change."""
+    return issubclass(warning.category, DeprecationWarning) and f"{os.sep}torch{os.sep}" in warning.filename
 
 
 def run_handler(args: argparse.Namespace) -> int:

@@ -490,7 +490,10 @@ class TrainSpec(Section):
     class_weights: Literal["none", "balanced"] | list[float] = "none"  # balanced: N / (C · count_c) on train
     accumulate_steps: int = Field(1, ge=1, le=4096)  # gradient accumulation: effective batch = batch × this
     device: str = "auto"  # auto: cuda if available, else cpu
-    amp: Literal["auto", "on", "off"] = "auto"  # bfloat16 autocast; auto: on for CUDA only
+    # fp32 | bf16 (bfloat16 autocast) | fp16 (float16 autocast + loss scaling; CUDA only) | auto: a short probe
+    # on the run's model and first batch picks bf16 only when faster and agreeing (precision.json says why)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the training forward; auto: on CUDA only
     deterministic: bool = False  # torch deterministic algorithms (CUDA); CPU runs repeat bitwise anyway
     shuffle: bool = True  # a new order every epoch; off only to reproduce (or diagnose) ordered data
     score_test: bool = True  # score the best weights on the test split at the end (search trials never do)
@@ -504,7 +507,19 @@ class TrainSpec(Section):
     # binary targets and multi-label targets (a 0/1 matrix per image)
     loss: Literal["softmax", "sigmoid"] = "softmax"
 
-    _amp_switch = field_validator("amp", mode="before")(lambda v: yaml_switch(v))
+    @model_validator(mode="before")
+    @classmethod
+    def _amp_is_precision(cls, values: Any) -> Any:
+        """`train.amp` (before train.precision existed) still reads: on → bf16, off → fp32, auto → auto."""
+        if isinstance(values, dict) and "amp" in values:
+            values = dict(values)
+            amp = yaml_switch(values.pop("amp"))
+            if "precision" in values:
+                raise ValueError("train.amp is the old name of train.precision: give only train.precision")
+            if amp not in ("on", "off", "auto"):
+                raise ValueError(f"train.amp (now train.precision) must be on, off or auto, got {amp!r}")
+            values["precision"] = {"on": "bf16", "off": "fp32", "auto": "auto"}[amp]
+        return values
 
     @field_validator("class_weights")
     @classmethod
@@ -816,11 +831,16 @@ def dotted_values(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
     return items
 
 
+OLD_NAMES = {"train.amp": "train.precision"}  # still read (their section's validator translates them)
+
+
 def check_known_keys(data: Mapping[str, Any], prefix: str = "") -> None:
     """Refuse any key the schema does not have, suggesting the closest valid one."""
     known = schema_keys()
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in OLD_NAMES:
+            continue
         if dotted not in known:
             raise RecipeError(unknown_key_message(dotted, known))
         if known[dotted] is not None and isinstance(value, Mapping):

@@ -95,8 +95,8 @@ def test_every_schema_key_is_settable_by_override() -> None:
 
 def test_yaml_on_off_words_are_kept_as_switch_values() -> None:
     """YAML 1.1 reads `on`/`off` as booleans; the switches take them back as words."""
-    recipe = Recipe.load(overrides=["train.amp=on", "monitor.tensorboard=off"])
-    assert recipe.train.amp == "on" and recipe.monitor.tensorboard == "off"
+    recipe = Recipe.load(overrides=["train.amp=on", "monitor.tensorboard=off"])  # train.amp: now train.precision
+    assert recipe.train.precision == "bf16" and recipe.monitor.tensorboard == "off"
     assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
 
 

@@ -340,7 +340,7 @@ def lr_find(
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     assert model is not None
     result = range_test(model, recipe, data, augment, criterion_for(recipe, data), initial_states=states,
-                        amp=autocast_dtype(recipe.train.amp, device), console=console)  # fmt: skip
+                        amp=autocast_dtype(recipe.train.precision, device), console=console)  # fmt: skip
     if out is not None:
         write_outputs(Path(out), result)
     return result
@@ -354,18 +354,16 @@ def check_out_folder(out: Path) -> None:
 
 
 def resolve_found_lr(
-    recipe: Recipe, run: RunDir, model: nn.Module, data: Any, augment: Any, console: Console, *, resume: bool
-) -> Recipe:
+    recipe: Recipe, run: RunDir, model: nn.Module, data: Any, augment: Any, console: Console, *,
+    amp: torch.dtype | None, resume: bool,
+) -> Recipe:  # fmt: skip
     """`optim.lr=find` inside `fit`: the range test from the model as it will train (same weights for every
     sweep), its files in the run folder, and the run's recipe.yaml given the number (so resume, report and
     diagnosis see a float). A resumed run reads the number back instead of searching again."""
-    from dragontrainer.train.precision import autocast_dtype
-
     saved = run.file("lr_find.json")
     if resume and saved.is_file():
         lr = float(json.loads(saved.read_text(encoding="utf-8"))["chosen"])
     else:
-        amp = autocast_dtype(recipe.train.amp, next(model.parameters()).device)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         result = range_test(model, recipe, data, augment, criterion_for(recipe, data),
                             initial_states=[state] * recipe.lr_find.repeats, amp=amp, console=console)  # fmt: skip

@@ -5,7 +5,7 @@ divergence watching and rollback. Built once by `fit` from its collaborators, pa
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,8 @@ class Loop:
     console: Console | None = None
     tensorboard: TensorBoardSink | None = None
     eval_probe: DeviceLoader | None = None  # fixed training images scored in eval mode every epoch (diagnosis)
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (train/precision.py)
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # the training forward (train/compile.py)
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -73,6 +75,8 @@ class Loop:
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=next(self.model.parameters()).device)
         self.first_bad_lr = torch.zeros((), device=self.first_bad_step.device)
         self.step_loss: torch.Tensor | None = None  # the loss of the optimiser step being accumulated
+        if self.forward is None:
+            self.forward = self.model
 
     def checkpoint_state(self, state: TrainState, meter: EpochMeter) -> dict[str, Any]:
         return {
@@ -80,6 +84,7 @@ class Loop:
             "meter": meter.state_dict(),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
             "rng": capture_rng(self.augment_generator),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def save_last(self, state: TrainState, meter: EpochMeter) -> None:
@@ -91,6 +96,8 @@ class Loop:
         load_model_weights(folder, self.model)
         load_optimizer(folder, self.optimizer, saved["optimizer"])
         state.load_state_dict(saved["train"])
+        if self.scaler is not None and "scaler" in saved:
+            self.scaler.load_state_dict(saved["scaler"])
         meter.load_state_dict(saved["meter"])
         for callback in self.callbacks:
             if type(callback).__name__ in saved["callbacks"]:
@@ -111,7 +118,7 @@ class Loop:
         pixels, targets = self.augment(x.float().div_(255.0), y, self.augment_generator)
         inputs = self.data.preprocessor.normalize(pixels)
         with torch.autocast(inputs.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            logits = self.model(inputs)
+            logits = self.forward(inputs)
         loss = self.criterion(logits.float(), targets)  # targets: labels, or soft targets from mixup/cutmix
         penalty = self.penalty(self.weights)
         objective = loss if penalty is None else loss + penalty
@@ -119,7 +126,8 @@ class Loop:
             objective = objective + coupling
         group_start = state.step_in_epoch - state.step_in_epoch % self.accumulate_steps
         group_size = min(self.accumulate_steps, len(self.data.train) - group_start)  # the epoch's last is short
-        (objective / group_size).backward()
+        scaled = objective / group_size
+        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         meter.update(loss, logits, y)
         self.watch_for_divergence(loss, state)
         if self.monitor is not None:
@@ -131,13 +139,19 @@ class Loop:
         state.lr = self.lr_factor(state.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * state.lr * state.lr_scale
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clipping, monitors and max-norm see true gradients
         sampled = self.monitor is not None and self.monitor.sampling(state.global_step)
         if self.monitor is not None:
             self.record_step(y, state)
             if sampled:
                 self.monitor.before_update()
         clip_gradients(self.parameters, self.regularize)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the step when the fp16 gradients overflowed, and adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.regularize.max_norm is not None:
             project_max_norm(self.weights, self.regularize.max_norm)
@@ -151,7 +165,8 @@ class Loop:
         assert self.monitor is not None and self.step_loss is not None
         grads = [p.grad for p in self.parameters if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else self.step_loss * 0
-        self.watch_for_divergence(grad_norm, state)
+        if self.scaler is None:  # with fp16 loss scaling an overflow is routine: the scaler skips that step
+            self.watch_for_divergence(grad_norm, state)
         classes = torch.bincount(main_labels(labels), minlength=self.data.num_classes).count_nonzero()
         values = torch.stack([self.step_loss, grad_norm, classes.to(grad_norm.dtype)])
         self.monitor.record_step(state.global_step + 1, state.epoch + 1, self.current_lr(), values)

@@ -35,12 +35,13 @@ from dragontrainer.train.build import (
     loss_weights,
 )
 from dragontrainer.train.callbacks import Callback, EarlyStopping
+from dragontrainer.train.compile import training_forward
 from dragontrainer.train.device import configure_determinism, resolve_device
 from dragontrainer.train.engine import Loop
 from dragontrainer.train.finish import finish, report_run
 from dragontrainer.train.multitask import MainTaskLoss, TaskMeter, task_data
 from dragontrainer.train.outcomes import TrainingDiverged, TrainResult, stop_requests
-from dragontrainer.train.precision import autocast_dtype
+from dragontrainer.train.precision import Precision, check_precision, decide_precision
 from dragontrainer.train.progress import TrainProgress
 from dragontrainer.train.setup import (
     create_monitor,
@@ -68,6 +69,7 @@ def fit(
     started = time.perf_counter()
     device = resolve_device(recipe.train.device)
     configure_determinism(recipe.train.deterministic, device)
+    check_precision(recipe.train.precision, device)  # fp16 without CUDA: refused before any work
     seed_everything(recipe.seed)
     data = prepare_data(recipe, device, console)  # says where the images live (data.resident)
     adopt_source(recipe, data, console)  # transfer.preprocess=source: the source run's statistics and names
@@ -76,36 +78,41 @@ def fit(
     if recipe.monitor.report and not resume:
         save_augmented_samples(run, data, augment, recipe.seed)
     model = build_model(recipe, data, device, console, resume=resume)
+    weights = loss_weights(recipe, data)
+    criterion = build_criterion(recipe, data, weights, device)
+    loop_data = task_data(data)  # several tasks: the loop's loaders carry every task's targets
+    steps_per_epoch = math.ceil(len(data.train) / recipe.train.accumulate_steps)  # optimiser steps
+    precision = decide_precision(
+        recipe.train.precision, run, model, lambda: probe_batch(loop_data, recipe.train.batch_size), criterion,
+        device, console, total_steps=steps_per_epoch * recipe.train.epochs, resume=resume,
+    )  # fmt: skip
     if recipe.optim.lr == "find":  # the LR range test, from these very weights; the state is restored after it
         from dragontrainer.monitor.lr_finder import resolve_found_lr
 
-        recipe = resolve_found_lr(recipe, run, model, data, augment, console, resume=resume)
+        recipe = resolve_found_lr(recipe, run, model, data, augment, console, amp=precision.dtype, resume=resume)
     optimisation = build_optimizer(recipe, model, run, console)
-    steps_per_epoch = math.ceil(len(data.train) / recipe.train.accumulate_steps)  # optimiser steps
     lr_factor = create_schedule(
         recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * recipe.train.epochs
     )
-    weights = loss_weights(recipe, data)
     # data.json is what eval/predict need without reloading the data, the loss weights included
     run.write_json("data.json", {**data.info(), "class_weights": None if weights is None else weights.tolist(),
                                  **(data.tasks.info() if data.tasks else {})})  # fmt: skip
-    criterion = build_criterion(recipe, data, weights, device)
     stopper = EarlyStopping(recipe.train.early_stopping)
     callbacks = build_callbacks(
         recipe, run=run, model=model, optimizer=optimisation.optimizer, data=data, steps_per_epoch=steps_per_epoch,
         console=console, user=callbacks,
     )  # fmt: skip
-    loop_data = task_data(data)  # several tasks: the loop's loaders carry every task's targets
     one_task = criterion if data.tasks is None else MainTaskLoss(criterion)  # monitors measure the main task
     monitor = create_monitor(recipe, run, model, data, one_task, steps_per_epoch, resume=resume)
     loop = Loop(
         run=run, model=model, optimizer=optimisation.optimizer, lr_factor=lr_factor, criterion=criterion,
         augment=augment, augment_generator=torch.Generator(device).manual_seed(recipe.seed + 1), data=loop_data,
-        amp=autocast_dtype(recipe.train.amp, device), callbacks=[stopper, *callbacks], regularize=recipe.regularize,
-        accumulate_steps=recipe.train.accumulate_steps, tta_flip=recipe.augment.tta_flip,
+        amp=precision.dtype, scaler=precision.scaler(device), callbacks=[stopper, *callbacks],
+        regularize=recipe.regularize, accumulate_steps=recipe.train.accumulate_steps, tta_flip=recipe.augment.tta_flip,
         recipe_lr=base_lr(recipe.optim), monitor_spec=recipe.monitor, monitor=monitor, console=console,
         tensorboard=create_tensorboard(recipe.monitor, run),
         eval_probe=probe_loader(loop_data.train, recipe.train.eval_batch_size) if monitor is not None else None,
+        forward=training_forward(model, recipe.train.compile, device, console),
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device) if data.tasks is None else TaskMeter(device, criterion)
     if resume:
@@ -115,7 +122,7 @@ def fit(
             console.print(describe_extension(recipe, extended_from, steps_per_epoch, state.global_step))
     elif recipe.monitor.on_nan == "rollback":
         loop.save_last(state, meter)  # something to roll back to from the first epoch
-    console.print(start_message(recipe, run, device, data, model, optimisation, augment))
+    console.print(start_message(recipe, run, device, data, model, optimisation, augment, precision))
     for note in data.images.notes:
         console.print(f"[yellow]note:[/] {text(note)}")
     run_epochs(loop, recipe, state, meter, stopper, progress=progress, steps_per_epoch=steps_per_epoch)
@@ -156,9 +163,15 @@ def run_epochs(
         loop.tensorboard.close()
 
 
+def probe_batch(data: PreparedData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first training images, normalised as the loop feeds them (the precision probe's batch)."""
+    x, y = data.train.take(torch.arange(min(batch_size, data.train.num_images)))
+    return data.preprocessor.normalize(x.float().div_(255.0)), y
+
+
 def start_message(
     recipe: Recipe, run: RunDir, device: torch.device, data: PreparedData, model: nn.Module,
-    optimisation: Optimisation, augment: Augmenter,
+    optimisation: Optimisation, augment: Augmenter, precision: Precision,
 ) -> str:  # fmt: skip
     info = data.info()
     return (
@@ -166,5 +179,6 @@ def start_message(
         f"{info['num_train']} train / {info['num_val']} val / {info['num_test']} test, {data.num_classes} classes, "
         f"{'×'.join(map(str, data.images.image_shape))}\n"
         f"model {recipe.model.name} {count_parameters(model):,} params  optim {recipe.optim.name} "
-        f"lr {optimisation.lr:g} ({'; '.join(map(str, optimisation.group_summary))})  augment {augment.describe()}"
+        f"lr {optimisation.lr:g} ({'; '.join(map(str, optimisation.group_summary))})  augment {augment.describe()}\n"
+        f"{precision.describe()}"
     )
