@@ -293,13 +293,14 @@ def apply_to_recipe_file(path: Path, lr: float) -> None:
 
 
 def criterion_for(recipe: Recipe, data: Any) -> nn.Module:
-    from dragontrainer.train.setup import class_weights
+    """The training loss of the main task (its class weights, data.balance=class_weights included): the
+    range test measures the loss the run will minimise."""
+    from dragontrainer.train.build import loss_weights
+    from dragontrainer.train.multitask import create_criterion
 
-    weights = class_weights(recipe.train.class_weights, data.images.y[data.split.train], data.num_classes)
+    weights = loss_weights(recipe, data)
     device = data.train.device
-    return nn.CrossEntropyLoss(
-        weight=None if weights is None else weights.to(device), label_smoothing=recipe.train.label_smoothing
-    )
+    return create_criterion(recipe, None if weights is None else weights.to(device), None).to(device)
 
 
 def lr_find(

@@ -62,3 +62,19 @@ def test_cli_json_and_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert (tmp_path / "o" / "lr_find.png").is_file() and record["suggestion"] > 0
     written = recipe.read_text()
     assert "epochs: 3" in written and f"lr: {float(format(record['chosen'], '.3g'))}" in written
+
+
+def test_the_range_test_measures_the_loss_training_minimises(tmp_path: Path) -> None:
+    """data.balance=class_weights weights training's loss; the range test's criterion carries the same weights."""
+    from dragontrainer import Recipe
+    from dragontrainer.data.prepare import prepare_data
+    from dragontrainer.monitor.lr_finder import criterion_for
+    from dragontrainer.train.build import build_criterion, loss_weights
+    from tests.conftest import make_npz
+
+    path = make_npz(tmp_path / "skewed.npz", n=60, classes=3)
+    recipe = Recipe.load(overrides=[*TINY, "data.source=npz", f"data.path={path}", "data.balance=class_weights"])
+    data = prepare_data(recipe, torch.device("cpu"))
+    ours = criterion_for(recipe, data)
+    training = build_criterion(recipe, data, loss_weights(recipe, data), torch.device("cpu"))
+    assert ours.weight is not None and torch.equal(ours.weight, training.weight)
