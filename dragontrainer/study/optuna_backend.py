@@ -8,8 +8,11 @@ continue it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,8 @@ from optuna.trial import TrialState
 from dragontrainer.errors import RecipeError
 from dragontrainer.study.space import Param
 
+HEARTBEAT_SECONDS = 30  # a worker records that its trial is alive this often
+SILENT_SECONDS = 600  # a trial silent this long lost its worker (machine died): failed, so the search can end
 SAMPLERS = ("random", "tpe", "qmc")
 PRUNERS = ("none", "median", "halving", "hyperband")
 SCALARS = (type(None), bool, int, float, str)
@@ -48,7 +53,11 @@ def create_storage(url: str) -> optuna.storages.RDBStorage:
     sqlite = url.startswith("sqlite")
     engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=SILENT_SECONDS
+            )
     except (ImportError, ModuleNotFoundError) as exc:
         raise RecipeError(
             f"--storage {url}: the database driver is missing ({exc}); pip install 'dragontrainer[postgres]'"
@@ -153,7 +162,9 @@ class Study:
         return records
 
     def ask(self, space: list[Param]) -> LiveTrial:
-        trial = self.study.ask({p.key: distribution(p) for p in space})
+        with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": the worker beats itself
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = self.study.ask({p.key: distribution(p) for p in space})
         return LiveTrial(trial, decode(trial.params, space))
 
     def adopt(self, number: int, space: list[Param]) -> LiveTrial:
@@ -170,6 +181,39 @@ class Study:
 
     def set_attr(self, key: str, value: Any) -> None:
         self.study.set_user_attr(key, value)
+
+    @contextlib.contextmanager
+    def heartbeat(self, trial: LiveTrial) -> Iterator[None]:
+        """While the block runs, record every HEARTBEAT_SECONDS that the trial's worker is alive."""
+        stop = threading.Event()
+        trial_id = trial._trial._trial_id
+
+        def beat() -> None:
+            while True:
+                with contextlib.suppress(Exception):  # a missed beat is retried; never kill the trial
+                    self.storage.record_heartbeat(trial_id)
+                if stop.wait(self.storage.heartbeat_interval or HEARTBEAT_SECONDS):
+                    return
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def silent_trials(self) -> list[int]:
+        """RUNNING trials whose worker recorded no heartbeat for SILENT_SECONDS (the storage's grace period)."""
+        ids = self.storage._get_stale_trial_ids(self.study._study_id)  # Optuna's own staleness query
+        return sorted(self.storage.get_trial_number_from_id(i) for i in ids)
+
+    def fail(self, number: int, reason: str) -> None:
+        """End a trial that no worker will finish, with the reason kept as its error."""
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker was first
+            self.storage.set_trial_user_attr(trial_id, "error", reason)
+            self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
 
     def attr(self, key: str) -> Any:
         return self.study.user_attrs.get(key)

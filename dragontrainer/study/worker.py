@@ -150,12 +150,26 @@ class Worker:
         while True:
             with self.claim(study, space, stage) as trial:
                 if trial is not None:
-                    self.run_trial(study, trial, stage)
+                    with study.heartbeat(trial):
+                        self.run_trial(study, trial, stage)
                     continue
             records = self.real(study.trials(space))
             if len(records) >= self.settings.trials and all(r.state != "RUNNING" for r in records):
                 return
+            self.fail_lost_trials(study, records)
             time.sleep(POLL_SECONDS)  # other workers' trials are still running (or died: looked at again)
+
+    def fail_lost_trials(self, study: Study, records: list[TrialRecord]) -> None:
+        """A trial started on another machine whose worker fell silent (the machine died) would keep the
+        stage RUNNING forever: fail it, saying why. Trials started here are continued instead (lock files)."""
+        by_number = {r.number: r for r in records}
+        for number in study.silent_trials():
+            record = by_number.get(number)
+            if record is None or self.started_here(record):
+                continue
+            host, silent = record.attrs.get("host", "another machine"), study.storage.grace_period
+            study.fail(number, f"its worker on {host} sent no heartbeat for {silent} s (the machine or process "
+                               "died); failed so that the search can finish")  # fmt: skip
 
     @contextlib.contextmanager
     def claim(self, study: Study, space: list[Param], stage: int) -> Iterator[LiveTrial | None]:

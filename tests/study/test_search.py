@@ -185,3 +185,36 @@ def test_bad_space_is_refused_before_anything_is_created(capsys: pytest.CaptureF
     good = write_space(tmp_path / "good.yaml", {"optim.lr": {"low": 0.01, "high": 1.0}})
     assert main(["search", str(good), *FAST, "--out", str(tmp_path / "busy")]) == 2
     assert "not empty and holds no search" in capsys.readouterr().err
+
+
+def test_a_trial_whose_machine_died_is_failed_and_the_search_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shared storage: trial 0 was started on a machine that then died (its heartbeat stopped). Lock files
+    cannot see another machine, so without heartbeats the stage would wait for it forever."""
+    import threading
+
+    from dragontrainer.study import optuna_backend
+    from dragontrainer.study.worker import SearchSettings, Worker
+
+    monkeypatch.setattr(optuna_backend, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(optuna_backend, "SILENT_SECONDS", 2)
+    base = Recipe.load(overrides=FAST)
+    space = [Param("optim.lr", low=0.05, high=1.0).to_dict()]
+    settings = SearchSettings(base.model_dump(mode="json"), space, trials=2, stages=1, folds=1, sampler="random",
+                              pruner="none", seed=0, top_k=2)  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = optuna_backend.create_storage(url)
+    study = optuna_backend.Study(storage, settings.study_name(1), "random", "none", seed=0, max_epochs=1)
+    lost = study.ask(settings.params())
+    lost.set_attr("host", "dead-machine")
+    storage.record_heartbeat(lost._trial._trial_id)  # it was alive once
+    time.sleep(2.5)
+    worker = Worker(settings, tmp_path / "s", url, 0, local_storage=False)  # storage shared across machines
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the search waited for the dead machine's trial"
+    records = {r.number: r for r in study.trials(settings.params())}
+    assert records[0].state == "FAIL" and "dead-machine sent no heartbeat" in records[0].attrs["error"]
+    assert records[1].state == "COMPLETE"
