@@ -1,13 +1,13 @@
 """dragontrainer: train convolutional networks the way the best practitioners do, and babysit them."""
 
 from dragontrainer.api import doctor, evaluate_run, load_run, predict, report, resume, train
-from dragontrainer.compare import compare
 from dragontrainer.data.residency import cache_images
 from dragontrainer.errors import DataError, DragonError, RecipeError, RunError
 from dragontrainer.export import export_run, load_export
 from dragontrainer.monitor.lr_finder import lr_find
 from dragontrainer.nn.models import register_model
 from dragontrainer.recipe import Recipe
+from dragontrainer.study.compare import compare
 from dragontrainer.study.ensemble import ensemble
 from dragontrainer.study.finetune import finetune
 from dragontrainer.train.outcomes import TrainResult

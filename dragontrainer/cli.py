@@ -395,15 +395,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dragontrainer.compare import (
-        ComparisonInterrupted,
-        compare,
-        parse_sweeps,
-        print_table,
-        resume_comparison,
-        row_dict,
-    )
     from dragontrainer.recipe import Recipe
+    from dragontrainer.study.compare import ComparisonInterrupted, compare, parse_sweeps, resume_comparison
+    from dragontrainer.study.compare_page import print_table, row_dict
 
     try:
         if args.resume:

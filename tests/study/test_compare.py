@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from dragontrainer.cli import main
-from dragontrainer.compare import parse_sweeps, split_values
 from dragontrainer.errors import RecipeError
+from dragontrainer.study.compare import parse_sweeps, split_values
 from tests.conftest import TINY
 
 
