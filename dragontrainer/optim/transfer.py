@@ -67,10 +67,16 @@ def stage_of(name: str, prefixes: dict[str, list[str]]) -> str | None:
     return None
 
 
+TOWER = re.compile(r"towers\.\d+\.")  # soft parameter sharing: one tower per task, each with the same stages
+
+
 def rule_index(name: str, stage: str | None, rules: list[TransferRule]) -> int | None:
-    """The first rule fully matching the name or its stage."""
+    """The first rule fully matching the name or its stage, also as named inside a task's tower
+    (`stem` matches `towers.1.stem`; `towers.1.stem` matches that tower only)."""
+    names = [n for n in (name, stage) if n is not None]
+    names += [TOWER.sub("", n, count=1) for n in names if TOWER.match(n)]
     for i, rule in enumerate(rules):
-        if re.fullmatch(rule.match, name) or (stage is not None and re.fullmatch(rule.match, stage)):
+        if any(re.fullmatch(rule.match, n) for n in names):
             return i
     return None
 

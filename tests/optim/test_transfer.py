@@ -116,3 +116,19 @@ def test_a_frozen_stem_stays_bitwise_equal_and_the_source_preprocessing_comes_al
     ])  # fmt: skip
     refit_stats = load_file(str(refit.run_dir / "preprocess.safetensors"))
     assert not all(torch.equal(source_stats[k], refit_stats[k]) for k in source_stats)
+
+
+def test_stage_rules_reach_every_task_tower_of_soft_sharing() -> None:
+    """`stem` freezes the stem of every task's tower; `towers.1.head` addresses one tower only."""
+    from dragontrainer.nn.multitask import create_multitask_model
+    from dragontrainer.recipe import MultitaskSpec
+
+    model = create_multitask_model(
+        ModelSpec(name="vgg", widths=[4, 8], depth=1), MultitaskSpec(tasks=["a", "b"], sharing="soft"),
+        in_channels=1, task_sizes=[3, 2, 2], image_size=8,
+    )  # fmt: skip
+    apply_transfer(model, spec({"match": "stem", "lr_mult": 0}, {"match": "towers.1.head", "lr_mult": 0}))
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and {name.split(".")[2] for name in frozen} == {"stem", "head"}
+    assert {name.split(".")[1] for name in frozen if ".stem." in name} == {"0", "1", "2"}
+    assert {name.split(".")[1] for name in frozen if ".head." in name} == {"1"}
