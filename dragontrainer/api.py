@@ -30,6 +30,7 @@ from dragontrainer.nn.multitask import create_multitask_model
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir
 from dragontrainer.run_files import DataInfo, read_json, read_tensors
+from dragontrainer.train import distributed
 from dragontrainer.train.callbacks import Callback
 from dragontrainer.train.checkpoint import checkpoint_folder, load_model_weights
 from dragontrainer.train.class_metrics import per_class_metrics
@@ -63,18 +64,28 @@ def train(
     progress: bool = False,
     callbacks: Sequence[Callback] = (),
     console: Console | None = None,
+    nproc: int | None = None,
 ) -> TrainResult:
-    """Train a recipe into a new run folder and return the result (run_dir, history, final metrics)."""
+    """Train a recipe into a new run folder and return the result (run_dir, history, final metrics).
+
+    `nproc=N` trains with N ranks on this machine (DistributedDataParallel, `torchrun --standalone`);
+    a script launched by torchrun itself calls `train(recipe)` on every rank: each joins the process
+    group, and every rank gets rank 0's result (train/distributed.py)."""
     resolved = as_recipe(recipe, overrides)
-    run = RunDir.create(resolved)
-    try:
-        with run.lock():
-            return fit(run.recipe(), run, progress=progress, callbacks=callbacks, console=console)
-    except (TrainingDiverged, TrainingInterrupted):
-        raise  # training ran: its statistics, findings and report are the evidence
-    except BaseException:
-        run.discard_if_unstarted()  # whatever stopped it before training began: leave nothing half-made
-        raise
+    if nproc is not None and nproc != 1:
+        from dragontrainer.train.launch import train_ranks
+
+        return train_ranks(resolved, nproc, callbacks=callbacks, progress=progress)
+    with distributed.session(resolved.train.device) as ranks:
+        run = distributed.create_run(resolved, ranks)  # rank 0 creates it and tells the others where
+        try:
+            with run.lock():
+                return fit(run.recipe(), run, progress=progress, callbacks=callbacks, console=console)
+        except (TrainingDiverged, TrainingInterrupted):
+            raise  # training ran: its statistics, findings and report are the evidence
+        except BaseException:
+            run.discard_if_unstarted()  # whatever stopped it before training began: leave nothing half-made
+            raise
 
 
 def doctor(recipe: Recipe | Mapping[str, Any] | str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
@@ -110,14 +121,29 @@ def resume(
     progress: bool = False,
     console: Console | None = None,
     callbacks: Sequence[Callback] = (),
+    nproc: int | None = None,
 ) -> TrainResult:
     """Continue a stopped run from its `last` checkpoint; the result equals an uninterrupted run's.
     `overrides` may lengthen it (`train.epochs=60`) or change early stopping; a finished run with
-    nothing to add raises RunFinished (its stored result is not rewritten)."""
-    run = RunDir.open(run_dir)
+    nothing to add raises RunFinished (its stored result is not rewritten). `nproc=N`: with N ranks,
+    whatever number of ranks the run was started with (the global sample order does not depend on it)."""
+    if nproc is not None and nproc != 1:
+        from dragontrainer.train.launch import resume_ranks
+
+        return resume_ranks(run_dir, overrides, nproc, callbacks=callbacks, progress=progress)
+    with distributed.session(RunDir.open(run_dir).recipe().train.device) as ranks:
+        return resume_run(distributed.open_run(run_dir, ranks), overrides, progress=progress, console=console,
+                          callbacks=callbacks)  # fmt: skip
+
+
+def resume_run(
+    run: RunDir, overrides: Sequence[str], *, progress: bool, console: Console | None, callbacks: Sequence[Callback]
+) -> TrainResult:
+    """`resume` in this process (one rank of several, or the only one)."""
     with run.lock():
         run.remove_stale_temporaries()  # a kill during a checkpoint swap leaves .last.XXXXXXXX.tmp behind
         recipe = run.recipe()
+        distributed.current().barrier()  # several ranks: all have read the recipe before rank 0 extends it
         extended_from = None
         if overrides:
             recipe, extended_from = extend_recipe(run, recipe, overrides)

@@ -123,12 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line (last line of stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--deterministic", action="store_true", help="same as train.deterministic=true")
+    p.add_argument("--nproc", type=positive_int, metavar="N",
+                   help="train with N ranks on this machine (DistributedDataParallel via torchrun)")  # fmt: skip
 
     p = command("resume", cmd_resume, "continue a stopped run: dragon resume RUN [train.epochs=N]")
     p.add_argument("run_dir", metavar="RUN")
     p.add_argument("items", nargs="*", metavar="train.epochs=N", help="lengthen the run (or change early stopping)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--nproc", type=positive_int, metavar="N",
+                   help="continue with N ranks (any number, whatever the run started with)")  # fmt: skip
 
     p = command("eval", cmd_eval, "score a run's best weights (its test/val split, or --data)")
     p.add_argument("run_dir", metavar="RUN")
@@ -253,6 +257,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
         return 0
+    if args.nproc is not None and args.nproc > 1:
+        return launch_ranks(["train", *args.items], args, recipe.train.device)
     try:
         result = train(recipe, progress=not args.quiet, console=Console(stderr=True, quiet=args.quiet))
     except TrainingInterrupted as exc:
@@ -265,10 +271,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch_ranks(command: list[str], args: argparse.Namespace, device: str) -> int:
+    """`--nproc N`: the same command as N ranks under torchrun (standalone); torchrun's exit code."""
+    from dragontrainer.train.distributed import check_nproc, launch
+
+    check_nproc(args.nproc, device)
+    flags = [f"--{name}" for name in ("json", "quiet", "deterministic", "debug") if getattr(args, name, False)]
+    return launch([*command, *flags], args.nproc)
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from dragontrainer.api import RunFinished, resume
+    from dragontrainer.run import RunDir
     from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted
 
+    if args.nproc is not None and args.nproc > 1:
+        device = RunDir.open(args.run_dir).recipe().train.device
+        return launch_ranks(["resume", args.run_dir, *args.items], args, device)
     try:
         result = resume(
             args.run_dir, args.items, progress=not args.quiet, console=Console(stderr=True, quiet=args.quiet)
@@ -289,6 +308,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def print_result(result: Any, *, as_json: bool) -> None:
+    from dragontrainer.train.distributed import is_follower
+
+    if is_follower():
+        return  # several ranks: rank 0 prints the result
     if as_json:
         print(json.dumps(result.summary()))
         return

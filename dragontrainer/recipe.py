@@ -496,6 +496,9 @@ class TrainSpec(Section):
     compile: bool | Literal["auto"] = "auto"  # torch.compile the training forward; auto: on CUDA only
     deterministic: bool = False  # torch deterministic algorithms (CUDA); CPU runs repeat bitwise anyway
     shuffle: bool = True  # a new order every epoch; off only to reproduce (or diagnose) ordered data
+    # several ranks (torchrun, dragon train --nproc N): batch norm statistics over the global batch, not each
+    # rank's shard (SyncBatchNorm); worth it when a rank's share of train.batch_size is small
+    sync_batchnorm: bool = False
     score_test: bool = True  # score the best weights on the test split at the end (search trials never do)
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     snapshots: Literal["none", "cycles", "every_k"] = "none"  # weights kept for ensembles in checkpoints/snapshots/

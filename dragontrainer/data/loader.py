@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -14,13 +15,16 @@ class DeviceLoader:
 
     The order of epoch `e` is a permutation drawn from a generator seeded by (seed, e), so it needs
     no saved state: a resumed run replays the same order and can start mid-epoch at `start_step`.
+    With `shard=(rank, world)` (DDP) each batch is this rank's part `order[lo:hi][rank::world]` of the
+    global batch: the length, the order and the steps per epoch do not depend on the rank count.
     """
 
     def __init__(
         self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0,
-        balance: str = "none", switch_epoch: int | None = None,
+        balance: str = "none", switch_epoch: int | None = None, shard: tuple[int, int] = (0, 1),
     ) -> None:  # fmt: skip
         self.x, self.y = x, y
+        self.rank, self.world = shard
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -39,6 +43,12 @@ class DeviceLoader:
     @property
     def num_images(self) -> int:
         return len(self.x)
+
+    def sharded(self, shard: tuple[int, int]) -> DeviceLoader:
+        """The same loader serving another shard of each global batch ((0, 1): the whole batch)."""
+        copied = copy.copy(self)
+        copied.rank, copied.world = shard
+        return copied
 
     @property
     def device(self) -> torch.device:
@@ -60,7 +70,7 @@ class DeviceLoader:
         for step in range(start_step, len(self)):
             lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, self.epoch_images)
             if order is None:
-                yield self.x[lo:hi], self.y[lo:hi]
+                yield self.x[lo + self.rank : hi : self.world], self.y[lo + self.rank : hi : self.world]
             else:
-                index = order[lo:hi]
+                index = order[lo:hi][self.rank :: self.world]  # DDP: this rank's part of the global batch
                 yield self.x[index], self.y[index]

@@ -4,6 +4,7 @@ loader per split. Where the images live (device or streamed) is decided here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,11 @@ class PreparedData:
     residency: Residency | None = None
     sample: torch.Tensor | None = None  # streamed: the training images statistics are fitted on
 
+    def unsharded(self) -> PreparedData:
+        """The same data with the training loader serving whole global batches (DDP: what one-off uses
+        of a first batch — LSUV, augmentation samples, the LR range test — must see on every rank count)."""
+        return dataclasses.replace(self, train=self.train.sharded((0, 1)))
+
     @property
     def num_classes(self) -> int:
         return len(self.images.classes)
@@ -64,7 +70,11 @@ class PreparedData:
         }
 
 
-def prepare_data(recipe: Recipe, device: torch.device, console: Console | None = None) -> PreparedData:
+def prepare_data(
+    recipe: Recipe, device: torch.device, console: Console | None = None, *, shard: tuple[int, int] = (0, 1)
+) -> PreparedData:
+    """`shard=(rank, world)`: the training loader serves this rank's part of every global batch (DDP);
+    validation and test stay whole."""
     loaded = load_for_training(recipe.data, device, console)  # image folders to stream: the decoded cache
     if console is not None:
         console.print(text(loaded.residency.line()))
@@ -84,18 +94,21 @@ def prepare_data(recipe: Recipe, device: torch.device, console: Console | None =
     statistics = fit_images(loaded, split.train, recipe.seed)
     preprocessor = create_preprocessor(recipe.preprocess).fit(statistics)
 
-    def loader(index: Any, batch_size: int, shuffle: bool, balance: str = "none") -> DeviceLoader | StreamLoader:
+    def loader(
+        index: Any, batch_size: int, shuffle: bool, balance: str = "none", shard: tuple[int, int] = (0, 1)
+    ) -> DeviceLoader | StreamLoader:
         # uint8 (4× smaller than float), on the device or read per batch; each batch is augmented, then preprocessed
         return split_loader(
             loaded, index, batch_size, shuffle=shuffle, device=device, seed=recipe.seed, balance=balance,
-            switch_epoch=switch_epoch(recipe.data, recipe.train.epochs),
+            switch_epoch=switch_epoch(recipe.data, recipe.train.epochs), shard=shard,
         )  # fmt: skip
 
     if recipe.data.balance in ("oversample", "undersample", "two_stage") and not recipe.train.shuffle:
         raise RecipeError(
             f"recipe field data.balance: {recipe.data.balance} samples the epoch; it needs train.shuffle=true"
         )
-    train = loader(split.train, recipe.train.batch_size, shuffle=recipe.train.shuffle, balance=recipe.data.balance)
+    train = loader(split.train, recipe.train.batch_size, shuffle=recipe.train.shuffle, balance=recipe.data.balance,
+                   shard=shard)  # fmt: skip
     val = loader(split.val, recipe.train.eval_batch_size, shuffle=False)
     test = loader(split.test, recipe.train.eval_batch_size, shuffle=False) if len(split.test) else None
     if len(train) == 0:

@@ -125,18 +125,20 @@ def fit_sample(train_rows: np.ndarray, row_bytes: int, seed: int) -> np.ndarray:
 
 def split_loader(
     loaded: LoadedImages, index: np.ndarray, batch_size: int, *, shuffle: bool, device: torch.device,
-    seed: int = 0, balance: str = "none", switch_epoch: int | None = None,
+    seed: int = 0, balance: str = "none", switch_epoch: int | None = None, shard: tuple[int, int] = (0, 1),
 ) -> DeviceLoader | StreamLoader:  # fmt: skip
     """The loader of one split (`index` into the images) for the residency chosen: uint8 tensors on the
-    device, or rows streamed from the cache / host memory (centre- or random-cropped with data.cache_size)."""
+    device, or rows streamed from the cache / host memory (centre- or random-cropped with data.cache_size).
+    `shard=(rank, world)`: each batch is this rank's part of the global batch (DDP)."""
     images = loaded.images
     if loaded.residency.mode == "device":
         rows = torch.from_numpy(np.asarray(index))
         x, y = torch.from_numpy(images.x)[rows].to(device), torch.from_numpy(images.y)[rows].to(device)
-        return DeviceLoader(x, y, batch_size, shuffle=shuffle, seed=seed, balance=balance, switch_epoch=switch_epoch)
+        return DeviceLoader(x, y, batch_size, shuffle=shuffle, seed=seed, balance=balance, switch_epoch=switch_epoch,
+                            shard=shard)  # fmt: skip
     return StreamLoader(
         images.x, images.y, index, batch_size, shuffle=shuffle, device=device, seed=seed, balance=balance,
-        switch_epoch=switch_epoch, crop=images.crop, read_rows=loaded.read_rows,
+        switch_epoch=switch_epoch, crop=images.crop, read_rows=loaded.read_rows, shard=shard,
     )  # fmt: skip
 
 

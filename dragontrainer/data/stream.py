@@ -11,6 +11,7 @@ non-blocking transfer: no per-sample Python.
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -62,6 +63,12 @@ class StreamLoader:
     @property
     def num_images(self) -> int:
         return len(self.rows)
+
+    def sharded(self, shard: tuple[int, int]) -> StreamLoader:
+        """The same loader serving another shard of each global batch ((0, 1): the whole batch)."""
+        copied = copy.copy(self)
+        copied.rank, copied.world = shard
+        return copied
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -31,6 +31,7 @@ from dragontrainer.train.checkpoint import (
     load_state,
     save_checkpoint,
 )
+from dragontrainer.train.distributed import SINGLE, Distributed, decorrelate_rng, shard_weight
 from dragontrainer.train.evaluate import MAX_CONFUSION_CLASSES, epoch_record, evaluate
 from dragontrainer.train.multitask import TaskMeter, evaluate_tasks, main_labels
 from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted
@@ -38,6 +39,7 @@ from dragontrainer.train.progress import TrainProgress
 from dragontrainer.train.state import EpochMeter, TrainState, capture_rng, restore_rng
 
 CHECK_EVERY = 50  # steps between divergence checks (each one a device sync)
+STOP_CHECK_EVERY = 10  # several ranks: optimiser steps between the (collective) checks for a stop request
 
 
 @dataclass(kw_only=True)
@@ -65,6 +67,11 @@ class Loop:
     eval_probe: DeviceLoader | None = None  # fixed training images scored in eval mode every epoch (diagnosis)
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (train/precision.py)
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # the training forward (train/compile.py)
+    # several ranks (train/distributed.py): which rank this is, and the DistributedDataParallel wrapper the
+    # training step runs through; everything else (monitor, evaluation, checkpoints) uses `model` itself
+    distributed: Distributed = SINGLE
+    trained: nn.Module | None = None
+    seed: int = 0  # ranks other than 0 derive their own random streams from it (decorrelate_rng)
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -75,8 +82,8 @@ class Loop:
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=next(self.model.parameters()).device)
         self.first_bad_lr = torch.zeros((), device=self.first_bad_step.device)
         self.step_loss: torch.Tensor | None = None  # the loss of the optimiser step being accumulated
-        if self.forward is None:
-            self.forward = self.model
+        if self.forward is None:  # the DDP wrapper (several ranks), else the model
+            self.forward = self.trained if self.trained is not None else self.model
 
     def checkpoint_state(self, state: TrainState, meter: EpochMeter) -> dict[str, Any]:
         return {
@@ -88,6 +95,8 @@ class Loop:
         }
 
     def save_last(self, state: TrainState, meter: EpochMeter) -> None:
+        if not self.distributed.is_main:
+            return  # rank 0 writes the run folder
         save_checkpoint(self.run.checkpoints / "last", self.model, self.optimizer, self.checkpoint_state(state, meter))
 
     def restore(self, state: TrainState, meter: EpochMeter) -> None:
@@ -110,6 +119,9 @@ class Loop:
             ) from None
         self.run.keep_metrics_through(state.epoch)
         self.run.keep_stats_through(state.global_step)
+        if not self.distributed.is_main:
+            meter.reset()  # the saved meter is the global one: rank 0 carries it, the others add what is new
+        decorrelate_rng(self.seed, self.distributed, state.global_step, self.augment_generator)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, meter: EpochMeter) -> bool:
         """Forward and backward one micro-batch; every `accumulate_steps` of them (or at the epoch's
@@ -126,7 +138,7 @@ class Loop:
             objective = objective + coupling
         group_start = state.step_in_epoch - state.step_in_epoch % self.accumulate_steps
         group_size = min(self.accumulate_steps, len(self.data.train) - group_start)  # the epoch's last is short
-        scaled = objective / group_size
+        scaled = objective * self.shard_weight(len(y), state) / group_size  # shard_weight: DDP's uneven shards
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         meter.update(loss, logits, y)
         self.watch_for_divergence(loss, state)
@@ -159,6 +171,28 @@ class Loop:
             self.monitor.after_update(state.global_step + 1, state.epoch + 1)
         state.global_step += 1
         return True
+
+    def shard_weight(self, local: int, state: TrainState) -> float:
+        """DDP: this rank's mean loss counts local·W/N of the global batch's N images (1 for one process)."""
+        if not self.distributed.active:
+            return 1.0
+        loader = self.data.train
+        start = state.step_in_epoch * loader.batch_size
+        return shard_weight(local, min(loader.batch_size, loader.epoch_images - start), self.distributed)
+
+    def stepping(self, state: TrainState) -> bool:
+        """Whether the next micro-batch ends an optimiser step (its gradients are then averaged by DDP)."""
+        step = state.step_in_epoch + 1
+        return step % self.accumulate_steps == 0 or step >= len(self.data.train)
+
+    def stop_signal(self, stops: list[int], state: TrainState) -> int:
+        """The stop request to honour now (0: none). Several ranks agree on it every STOP_CHECK_EVERY
+        steps (a reduction), so all of them stop at the same step and none waits for the others."""
+        if not self.distributed.active:
+            return stops[0] if stops else 0
+        if state.global_step % STOP_CHECK_EVERY:
+            return 0
+        return self.distributed.max_int(stops[0] if stops else 0)
 
     def record_step(self, labels: torch.Tensor, state: TrainState) -> None:
         """Per-step series for the monitor (on the device); a non-finite gradient counts as divergence."""
@@ -193,6 +227,7 @@ class Loop:
             return False
         rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * spec.rollback_lr_factor
         self.restore(state, meter)
+        self.distributed.barrier()  # every rank has read `last` before rank 0 writes it again
         state.rollbacks, state.lr_scale = rollbacks, lr_scale
         self.first_bad_step.fill_(-1)
         self.step_loss = None
@@ -211,9 +246,10 @@ class Loop:
         return True
 
     def raise_if_diverged(self, state: TrainState) -> None:
-        step = int(self.first_bad_step)  # a device sync: called every CHECK_EVERY steps and per epoch
+        # a device sync (and, with several ranks, a reduction): called every CHECK_EVERY steps and per epoch
+        step, lr = self.distributed.first_bad(self.first_bad_step, self.first_bad_lr)
         if step >= 0:
-            raise TrainingDiverged(step, state.epoch + 1, float(self.first_bad_lr), self.recipe_lr, self.run.path)
+            raise TrainingDiverged(step, state.epoch + 1, lr, self.recipe_lr, self.run.path)
 
     def run_epoch(self, state: TrainState, meter: EpochMeter, progress: TrainProgress, stops: list[int]) -> None:
         """Train one epoch (from `state.step_in_epoch`, when resumed mid-epoch), checking for stop requests
@@ -224,7 +260,9 @@ class Loop:
         started = time.perf_counter()
         seconds_before = meter.seconds
         for x, y in self.data.train.batches(state.epoch, start_step=state.step_in_epoch):
-            if not self.train_step(x, y, state, meter):
+            with self.distributed.gradient_sync(self.trained, self.stepping(state)):
+                stepped = self.train_step(x, y, state, meter)
+            if not stepped:
                 continue  # gradients half accumulated: no callbacks, no stop
             for callback in self.callbacks:
                 callback.on_step_end(state, {})
@@ -234,11 +272,13 @@ class Loop:
             )
             if state.global_step % CHECK_EVERY == 0:
                 self.raise_if_diverged(state)
-            if stops:
+            if signum := self.stop_signal(stops, state):
                 meter.seconds = elapsed
+                self.distributed.fold_meter(meter)
                 self.flush_monitor()
                 self.save_last(state, meter)
-                raise TrainingInterrupted(stops[0], self.run.path, state)
+                raise TrainingInterrupted(signum, self.run.path, state)
+        self.distributed.fold_meter(meter)  # several ranks: the epoch's totals on rank 0
         meter.loss()  # a device sync, so the time below is the time the work took
         meter.seconds = seconds_before + time.perf_counter() - started
         self.raise_if_diverged(state)  # before evaluation and checkpoints: `last` stays the good one
@@ -259,7 +299,8 @@ class Loop:
         """Evaluate, log both splits, let callbacks decide, write `best` and `last`."""
         # the confusion matrix is C×C: skipped for very many classes (it would dwarf the model)
         wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
-        val = self.evaluate(self.data.val, confusion=wanted)
+        # several ranks: rank 0 validates (the others get its numbers with the logs below)
+        val = self.evaluate(self.data.val, confusion=wanted) if self.distributed.is_main else {"loss": 0, "accuracy": 0}
         confusion = val.pop("confusion", None)
         val.pop("label_counts", None)
         epoch = state.epoch + 1
@@ -278,6 +319,7 @@ class Loop:
         val_record = {"epoch": epoch, "split": "val", "step": state.global_step, **val}
         logs = {"train_loss": train_record["loss"], "train_accuracy": train_record["accuracy"],
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"]}  # fmt: skip
+        logs = self.distributed.broadcast(logs)  # rank 0 validates: every rank's callbacks decide on its numbers
         for callback in self.callbacks:
             callback.on_eval_end(state, logs)
         if self.tensorboard is not None:
@@ -287,6 +329,7 @@ class Loop:
         self.run.write_metrics_csv()
         if stopper.improved:
             state.best_epoch = epoch
+        if stopper.improved and self.distributed.is_main:
             best_state = {"train": {**state.state_dict(), "epoch": epoch}, "metrics": logs}
             save_checkpoint(self.run.checkpoints / "best", self.model, None, best_state)
         for callback in self.callbacks:

@@ -37,6 +37,14 @@ from dragontrainer.train.build import (
 from dragontrainer.train.callbacks import Callback, EarlyStopping
 from dragontrainer.train.compile import training_forward
 from dragontrainer.train.device import configure_determinism, resolve_device
+from dragontrainer.train.distributed import (
+    Distributed,
+    check_last_batch,
+    current,
+    decorrelate_rng,
+    main_only_callbacks,
+    wrap_model,
+)
 from dragontrainer.train.engine import Loop
 from dragontrainer.train.finish import finish, report_run
 from dragontrainer.train.multitask import MainTaskLoss, TaskMeter, task_data
@@ -62,34 +70,46 @@ def fit(
     callbacks: Sequence[Callback] = (),
     console: Console | None = None,
     extended_from: int | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainResult:
     """Train `recipe` into the run folder `run` (or continue it from `last` when `resume`).
-    `extended_from`: the run was planned for this many epochs and is now extended to train.epochs."""
+    `extended_from`: the run was planned for this many epochs and is now extended to train.epochs.
+    `distributed`: this process's rank (train/distributed.py; default: the process group joined, if any);
+    every rank returns rank 0's result."""
+    ranks = distributed or current()
+    if not ranks.is_main:  # rank 0 speaks for the run
+        console, progress = Console(stderr=True, quiet=True), False
     console = console or Console(stderr=True, quiet=not progress)
     started = time.perf_counter()
-    device = resolve_device(recipe.train.device)
+    device = ranks.place(resolve_device(recipe.train.device))
     configure_determinism(recipe.train.deterministic, device)
     check_precision(recipe.train.precision, device)  # fp16 without CUDA: refused before any work
     seed_everything(recipe.seed)
-    data = prepare_data(recipe, device, console)  # says where the images live (data.resident)
+    data = prepare_data(recipe, device, console, shard=ranks.shard)  # says where the images live (data.resident)
     adopt_source(recipe, data, console)  # transfer.preprocess=source: the source run's statistics and names
     save_preprocessor(run, data.preprocessor)
     augment = build_augmenter(recipe, data)
-    if recipe.monitor.report and not resume:
-        save_augmented_samples(run, data, augment, recipe.seed)
-    model = build_model(recipe, data, device, console, resume=resume)
+    whole = data.unsharded()  # one-off uses of a first batch see the global batch on every rank count
+    if recipe.monitor.report and not resume and ranks.is_main:
+        save_augmented_samples(run, whole, augment, recipe.seed)
+    model = build_model(recipe, whole, device, console, resume=resume)
     weights = loss_weights(recipe, data)
     criterion = build_criterion(recipe, data, weights, device)
     loop_data = task_data(data)  # several tasks: the loop's loaders carry every task's targets
     steps_per_epoch = math.ceil(len(data.train) / recipe.train.accumulate_steps)  # optimiser steps
-    precision = decide_precision(
-        recipe.train.precision, run, model, lambda: probe_batch(loop_data, recipe.train.batch_size), criterion,
-        device, console, total_steps=steps_per_epoch * recipe.train.epochs, resume=resume,
+    precision = ranks.broadcast(  # several ranks: rank 0 measures (a timing may differ), all train in its choice
+        decide_precision(
+            recipe.train.precision, run, model, lambda: probe_batch(loop_data, recipe.train.batch_size), criterion,
+            device, console, total_steps=steps_per_epoch * recipe.train.epochs, resume=resume,
+        ) if ranks.is_main else None
     )  # fmt: skip
     if recipe.optim.lr == "find":  # the LR range test, from these very weights; the state is restored after it
         from dragontrainer.monitor.lr_finder import resolve_found_lr
 
-        recipe = resolve_found_lr(recipe, run, model, data, augment, console, amp=precision.dtype, resume=resume)
+        if ranks.is_main:  # several ranks: rank 0 searches, every rank trains with its number
+            recipe = resolve_found_lr(recipe, run, model, whole, augment, console, amp=precision.dtype, resume=resume)
+        recipe = ranks.broadcast(recipe)
+    check_last_batch(data.train.epoch_images, recipe.train.batch_size, ranks, shuffle=recipe.train.shuffle)
     optimisation = build_optimizer(recipe, model, run, console)
     lr_factor = create_schedule(
         recipe.schedule, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * recipe.train.epochs
@@ -99,20 +119,25 @@ def fit(
                                  **(data.tasks.info() if data.tasks else {})})  # fmt: skip
     stopper = EarlyStopping(recipe.train.early_stopping)
     callbacks = build_callbacks(
-        recipe, run=run, model=model, optimizer=optimisation.optimizer, data=data, steps_per_epoch=steps_per_epoch,
+        recipe, run=run, model=model, optimizer=optimisation.optimizer, data=whole, steps_per_epoch=steps_per_epoch,
         console=console, user=callbacks,
     )  # fmt: skip
+    callbacks = main_only_callbacks(callbacks, ranks)  # the ones that only write files run on rank 0
     one_task = criterion if data.tasks is None else MainTaskLoss(criterion)  # monitors measure the main task
-    monitor = create_monitor(recipe, run, model, data, one_task, steps_per_epoch, resume=resume)
+    monitor = None  # several ranks: rank 0 watches the training
+    if ranks.is_main:
+        monitor = create_monitor(recipe, run, model, whole, one_task, steps_per_epoch, resume=resume)
+    trained = wrap_model(model, ranks, sync_batchnorm=recipe.train.sync_batchnorm)  # DDP; None for one process
     loop = Loop(
         run=run, model=model, optimizer=optimisation.optimizer, lr_factor=lr_factor, criterion=criterion,
         augment=augment, augment_generator=torch.Generator(device).manual_seed(recipe.seed + 1), data=loop_data,
         amp=precision.dtype, scaler=precision.scaler(device), callbacks=[stopper, *callbacks],
         regularize=recipe.regularize, accumulate_steps=recipe.train.accumulate_steps, tta_flip=recipe.augment.tta_flip,
         recipe_lr=base_lr(recipe.optim), monitor_spec=recipe.monitor, monitor=monitor, console=console,
-        tensorboard=create_tensorboard(recipe.monitor, run),
+        tensorboard=create_tensorboard(recipe.monitor, run) if ranks.is_main else None,
         eval_probe=probe_loader(loop_data.train, recipe.train.eval_batch_size) if monitor is not None else None,
-        forward=training_forward(model, recipe.train.compile, device, console),
+        forward=training_forward(model if trained is None else trained, recipe.train.compile, device, console),
+        distributed=ranks, trained=trained, seed=recipe.seed,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device) if data.tasks is None else TaskMeter(device, criterion)
     if resume:
@@ -120,13 +145,18 @@ def fit(
         if extended_from is not None:
             state.stop_reason = None  # an early-stopped run continues into its new epochs
             console.print(describe_extension(recipe, extended_from, steps_per_epoch, state.global_step))
-    elif recipe.monitor.on_nan == "rollback":
+    else:
+        decorrelate_rng(recipe.seed, ranks, 0, loop.augment_generator)  # ranks other than 0: streams of their own
+    if not resume and recipe.monitor.on_nan == "rollback":
         loop.save_last(state, meter)  # something to roll back to from the first epoch
     console.print(start_message(recipe, run, device, data, model, optimisation, augment, precision))
     for note in data.images.notes:
         console.print(f"[yellow]note:[/] {text(note)}")
     run_epochs(loop, recipe, state, meter, stopper, progress=progress, steps_per_epoch=steps_per_epoch)
-    return finish(loop, recipe, state, time.perf_counter() - started)
+    if not ranks.active:
+        return finish(loop, recipe, state, time.perf_counter() - started)
+    # rank 0 scores the best weights and writes result.json and the report; every rank returns its result
+    return ranks.broadcast(finish(loop, recipe, state, time.perf_counter() - started) if ranks.is_main else None)
 
 
 def run_epochs(
@@ -153,7 +183,7 @@ def run_epochs(
                 loop.flush_monitor()  # the statistics up to the divergence are the evidence
                 loop.run.append_stats([{"kind": "diverged", "step": diverged.step, "epoch": diverged.epoch,
                                         "lr": diverged.lr}])  # fmt: skip
-                if recipe.monitor.report:
+                if recipe.monitor.report and loop.distributed.is_main:
                     report_run(loop.run, console)
                 raise
             bar.epoch_end(loop.end_epoch(state, meter, stopper), state.global_step)
