@@ -262,13 +262,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(recipe, progress=not args.quiet, console=Console(stderr=True, quiet=args.quiet))
     except TrainingInterrupted as exc:
-        print(f"dragon: {exc}", file=sys.stderr)
+        say_once(f"dragon: {exc}")
         return exc.exit_code
     except TrainingDiverged as exc:
-        print(f"dragon: {exc}", file=sys.stderr)
+        say_once(f"dragon: {exc}")
         return 1
     print_result(result, as_json=args.json)
     return 0
+
+
+def say_once(message: str) -> None:
+    """A run's outcome on stderr, from rank 0 alone when several ranks run it."""
+    from dragontrainer.train.distributed import is_follower
+
+    if not is_follower():
+        print(message, file=sys.stderr)
 
 
 def launch_ranks(command: list[str], args: argparse.Namespace, device: str) -> int:
@@ -283,6 +291,7 @@ def launch_ranks(command: list[str], args: argparse.Namespace, device: str) -> i
 def cmd_resume(args: argparse.Namespace) -> int:
     from dragontrainer.api import RunFinished, resume
     from dragontrainer.run import RunDir
+    from dragontrainer.train.distributed import is_follower
     from dragontrainer.train.outcomes import TrainingDiverged, TrainingInterrupted
 
     if args.nproc is not None and args.nproc > 1:
@@ -293,15 +302,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
             args.run_dir, args.items, progress=not args.quiet, console=Console(stderr=True, quiet=args.quiet)
         )
     except RunFinished as exc:
-        print(f"dragon: {exc}", file=sys.stderr)
-        if args.json:
+        say_once(f"dragon: {exc}")
+        if args.json and not is_follower():
             print(json.dumps(exc.summary))
         return 0
     except TrainingInterrupted as exc:
-        print(f"dragon: {exc}", file=sys.stderr)
+        say_once(f"dragon: {exc}")
         return exc.exit_code
     except TrainingDiverged as exc:
-        print(f"dragon: {exc}", file=sys.stderr)
+        say_once(f"dragon: {exc}")
         return 1
     print_result(result, as_json=args.json)
     return 0

@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +147,58 @@ def test_bad_nproc_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 # --------------------------------------------------------------------------------------------- real process groups
 
 
+def collectives(rank: int, world: int, folder: str) -> None:
+    """One rank of the spawned group: exercises every collective `fit` relies on, writes what it saw."""
+    import torch.distributed as dist
+
+    from dragontrainer.train.distributed import create_run, current
+    from dragontrainer.train.state import EpochMeter
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        where = current()
+        seen: dict[str, object] = {"rank": where.rank, "world": where.world, "main": where.is_main}
+        seen["broadcast"] = where.broadcast(f"from rank {rank}")
+        seen["stop"] = where.max_int(15 if rank == 1 else 0)  # only rank 1 got SIGTERM
+        seen["bad"] = where.first_bad(torch.tensor(9 if rank == 0 else 7), torch.tensor(0.1 if rank == 0 else 0.5))
+        seen["no_bad"] = where.first_bad(torch.tensor(-1), torch.tensor(0.0))
+        meter = EpochMeter(torch.device("cpu"))
+        meter.update(torch.tensor(1.0 + rank), torch.eye(3)[[0, 1]], torch.tensor([0, rank]))  # 2 images
+        where.fold_meter(meter)
+        seen["meter"] = [float(meter.loss_sum), int(meter.correct), meter.seen]
+        meter.update(torch.tensor(1.0), torch.eye(3)[[2]], torch.tensor([2]))  # 1 more image per rank
+        where.fold_meter(meter)
+        seen["meter_again"] = [float(meter.loss_sum), int(meter.correct), meter.seen]
+        recipe = Recipe.load(overrides=[f"run.root={folder}/runs"])  # a timestamped default name
+        run = create_run(recipe, where)
+        seen["run"] = [str(run.path), type(run).__name__]
+        try:
+            create_run(recipe.with_overrides({"run.dir": str(run.path)}), where)  # not empty: refused
+        except Exception as exc:
+            seen["refused"] = [type(exc).__name__, str(exc)]
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_agree_across_ranks(tmp_path: Path) -> None:
+    """Two spawned gloo ranks: rank 0's values broadcast, a stop request seen by one rank stops both, the
+    earliest divergence wins, the epoch meter's totals land on rank 0 once, the run folder (a timestamped
+    default name) is rank 0's on both, and a refused run.dir stops both with the same line."""
+    torch.multiprocessing.spawn(collectives, args=(2, str(tmp_path)), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (zero["main"], one["main"]) == (True, False) and zero["world"] == one["world"] == 2
+    assert zero["broadcast"] == one["broadcast"] == "from rank 0"
+    assert zero["stop"] == one["stop"] == 15
+    assert zero["bad"] == one["bad"] == [7, 0.5] and zero["no_bad"] == one["no_bad"] == [-1, 0.0]
+    # losses 1 and 2 (mean of 2 images each), 3 correct of 4; then 1 more image per rank at loss 1, both right
+    assert zero["meter"] == [6.0, 3, 4] and one["meter"] == [0.0, 0, 0]
+    assert zero["meter_again"] == [8.0, 5, 6] and one["meter_again"] == [0.0, 0, 0]
+    assert zero["run"][0] == one["run"][0] and (zero["run"][1], one["run"][1]) == ("RunDir", "FollowerRun")
+    assert zero["refused"] == one["refused"] and "a run already exists here" in zero["refused"][1]
+    assert sorted(p.name for p in Path(zero["run"][0]).iterdir()) == ["provenance.json", "recipe.yaml"]
+
+
 def python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
 
@@ -164,30 +218,37 @@ def assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(left[key], right[key], atol=1e-5, rtol=1e-4)
 
 
-def test_two_ranks_match_one_process_and_only_rank_0_writes(tmp_path: Path) -> None:
-    """`dragon train --nproc 2` (torchrun, gloo) against one process with the same global batch: the same
-    losses and weights to float rounding, and the same run folder (file for file), nothing else made."""
+def test_two_ranks_match_one_process_and_only_rank_0_writes(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """`train(recipe, nproc=2)` (torchrun, gloo; gradient accumulation over 2 micro-batches, so DDP's
+    no_sync is used) against one process with the same global batch: the same losses and weights to float
+    rounding, the same run folder file for file, nothing else made, and one rank printing."""
     torch.set_num_threads(1)
-    recipe = [*TINY, *EXACT, "train.epochs=2"]
+    recipe = [*TINY, *EXACT, "train.epochs=2", "train.accumulate_steps=2"]
     one = train(Recipe.load(overrides=[*recipe, f"run.dir={tmp_path / 'one'}"]))
-    done = subprocess.run(
-        [sys.executable, "-m", "dragontrainer", "train", *recipe, f"run.dir={tmp_path / 'two'}", "--nproc", "2",
-         "--json", "--quiet"],
-        capture_output=True, text=True, env=python_env(), cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1  # rank 0 alone prints the result
-    two = json.loads(lines[0])
-    assert two["epochs"] == one.epochs == 2
-    two_history = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    for a, b in zip(one.history, two_history, strict=True):
+    capfd.readouterr()
+    with monkeypatch_env(python_env()):
+        two = train(Recipe.load(overrides=[*recipe, f"run.dir={tmp_path / 'two'}"]), nproc=2)
+    assert capfd.readouterr().out.count("final validation accuracy") == 1  # rank 0 alone prints the result
+    assert two.epochs == one.epochs == 2 and two.run_dir == tmp_path / "two"
+    for a, b in zip(one.history, two.history, strict=True):
         assert (a["epoch"], a["split"], a.get("step"), a.get("images")) == (b["epoch"], b["split"], b.get("step"),
                                                                             b.get("images"))  # fmt: skip
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == pytest.approx(b["accuracy"])
+    assert two.val_accuracy == pytest.approx(one.val_accuracy)
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     assert files(tmp_path / "one") == files(tmp_path / "two")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+@contextmanager
+def monkeypatch_env(env: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 SLOW_MODEL = '''
@@ -274,3 +335,31 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_with_one_or_two_ranks(
         assert [(r["epoch"], r["split"], r["step"]) for r in history] == [
             (r["epoch"], r["split"], r["step"]) for r in reference.history
         ]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM reaches rank 1 only: the ranks agree on it (a reduced flag), both stop at the same step with
+    `last` saved by rank 0 (no deadlock), and the run resumes to the end."""
+    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = {**python_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{python_env()['PYTHONPATH']}"}
+    recipe = [*TINY, *EXACT, "model.name=slow_model:factory", "train.epochs=3", "monitor.enabled=false"]
+    run_dir = tmp_path / "stopped"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dragontrainer",
+         "train", *recipe, f"run.dir={run_dir}", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    state = run_dir / "checkpoints" / "last" / "state.json"
+    deadline = time.time() + 120
+    while job.poll() is None and time.time() < deadline and not state.is_file():
+        time.sleep(0.02)
+    rank1 = rank_pid(job.pid, 1)
+    assert rank1 is not None and job.poll() is None, "the job ended before the signal"
+    os.kill(rank1, signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    text = err.decode()
+    assert job.returncode != 0 and text.count("SIGTERM: stopped at") == 1, text[-3000:]  # rank 0 says it, once
+    saved = json.loads(state.read_text())["train"]
+    assert saved["global_step"] % 10 == 0 and saved["step_in_epoch"] > 0  # stopped mid-epoch, at an agreed step
+    assert resume(run_dir).epochs == 3
