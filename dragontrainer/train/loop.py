@@ -187,6 +187,7 @@ def run_epochs(
                     report_run(loop.run, console)
                 raise
             bar.epoch_end(loop.end_epoch(state, meter, stopper), state.global_step)
+            state.stop_reason = loop.distributed.broadcast(state.stop_reason)  # ranks stop together, on rank 0's word
     for callback in loop.callbacks:
         callback.on_fit_end(state, {})
     if loop.tensorboard is not None:
