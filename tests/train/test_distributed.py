@@ -35,7 +35,7 @@ from dragontrainer.train.distributed import Distributed, FollowerRun, check_last
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[2]
-EXACT = ["model.norm=none", "augment.crop.p=0", "augment.hflip.p=0", "monitor.report=false",
+EXACT = ["model.norm=none", "augment.crop.p=0", "augment.hflip.p=0", "train.precision=fp32", "monitor.report=false",
          "monitor.mlflow=off", "monitor.tensorboard=off"]  # fmt: skip
 
 
