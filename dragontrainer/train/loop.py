@@ -34,6 +34,7 @@ from dragontrainer.train.build import (
     build_optimizer,
     loss_weights,
 )
+from dragontrainer.train.allocator import configure_allocator
 from dragontrainer.train.callbacks import Callback, EarlyStopping
 from dragontrainer.train.compile import training_forward
 from dragontrainer.train.device import configure_determinism, resolve_device
@@ -67,6 +68,7 @@ def fit(
     `extended_from`: the run was planned for this many epochs and is now extended to train.epochs."""
     console = console or Console(stderr=True, quiet=not progress)
     started = time.perf_counter()
+    configure_allocator()  # once per process: large blocks reused, not mmapped per step (allocator.py)
     device = resolve_device(recipe.train.device)
     configure_determinism(recipe.train.deterministic, device)
     check_precision(recipe.train.precision, device)  # fp16 without CUDA: refused before any work
