@@ -10,6 +10,7 @@ keeps those blocks in the heap and reuses them. Measured in README ("Throughput"
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -51,9 +52,12 @@ def _set_thresholds(libc: ctypes.CDLL | None) -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None or getattr(libc, "gnu_get_libc_version", None) is None:  # not glibc (musl, macOS)
         return False
-    try:
+    with contextlib.suppress(AttributeError, TypeError):  # a ctypes function: `int mallopt(int, int)`
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        # mallopt returns 1 on success; an older glibc refusing the value leaves its default
-        return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    except (OSError, ctypes.ArgumentError, TypeError, ValueError):
+    try:
+        # mallopt returns 1 on success; an older glibc refusing a value keeps its default
+        mmap_set = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        trim_set = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError, ctypes.ArgumentError, TypeError, ValueError):
         return False
+    return mmap_set and trim_set

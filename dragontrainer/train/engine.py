@@ -65,6 +65,8 @@ class Loop:
     eval_probe: DeviceLoader | None = None  # fixed training images scored in eval mode every epoch (diagnosis)
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (train/precision.py)
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # the training forward (train/compile.py)
+    val_every: int = 1  # train.val_every: validate every this many epochs, and always after the last
+    epochs: int = 0  # train.epochs: the last epoch, always validated
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -255,13 +257,16 @@ class Loop:
     def current_lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)  # groups may run at lr_mult or 0
 
+    def validates(self, state: TrainState) -> bool:
+        """Whether the epoch now ending is scored on validation: every `val_every`-th epoch, the last
+        one, and one the run is about to stop after (a callback or signal asked during it)."""
+        epoch = state.epoch + 1
+        return epoch % self.val_every == 0 or epoch >= self.epochs or state.stop_reason is not None
+
     def end_epoch(self, state: TrainState, meter: EpochMeter, stopper: EarlyStopping) -> dict[str, Any]:
-        """Evaluate, log both splits, let callbacks decide, write `best` and `last`."""
-        # the confusion matrix is C×C: skipped for very many classes (it would dwarf the model)
-        wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
-        val = self.evaluate(self.data.val, confusion=wanted)
-        confusion = val.pop("confusion", None)
-        val.pop("label_counts", None)
+        """Evaluate (on validation epochs), log, let callbacks decide, write `best` and `last`.
+        An epoch without validation has a train record only: callbacks' `on_eval_end` is not called
+        (early stopping counts validations) and it cannot become `best`."""
         epoch = state.epoch + 1
         train_record = {
             "epoch": epoch, "split": "train", "step": state.global_step, "loss": meter.loss(),
@@ -270,22 +275,21 @@ class Loop:
         }  # fmt: skip
         if isinstance(meter, TaskMeter):
             train_record["tasks"] = meter.task_metrics()
-        if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
-            probe = self.evaluate(self.eval_probe)
-            probe.pop("tasks", None)
-            train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
-                                eval_images=self.eval_probe.num_images)  # fmt: skip
-        val_record = {"epoch": epoch, "split": "val", "step": state.global_step, **val}
-        logs = {"train_loss": train_record["loss"], "train_accuracy": train_record["accuracy"],
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"]}  # fmt: skip
-        for callback in self.callbacks:
-            callback.on_eval_end(state, logs)
+        logs: dict[str, Any] = {"train_loss": train_record["loss"], "train_accuracy": train_record["accuracy"]}
+        records, confusion = [train_record], None
+        validated = self.validates(state)
+        if validated:
+            val, confusion = self.validate_epoch(train_record)
+            records.append({"epoch": epoch, "split": "val", "step": state.global_step, **val})
+            logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            for callback in self.callbacks:
+                callback.on_eval_end(state, logs)
         if self.tensorboard is not None:
             self.tensorboard.write_epoch(epoch, logs)
-        self.run.append_metrics(train_record)
-        self.run.append_metrics(val_record)
+        for record in records:
+            self.run.append_metrics(record)
         self.run.write_metrics_csv()
-        if stopper.improved:
+        if validated and stopper.improved:
             state.best_epoch = epoch
             best_state = {"train": {**state.state_dict(), "epoch": epoch}, "metrics": logs}
             save_checkpoint(self.run.checkpoints / "best", self.model, None, best_state)
@@ -303,3 +307,17 @@ class Loop:
             "lr": train_record["lr"],
             "images_per_second": train_record["images_per_second"],
         }
+
+    def validate_epoch(self, train_record: dict[str, Any]) -> tuple[dict[str, Any], list[list[int]] | None]:
+        """The validation scores and confusion matrix; the eval-mode training probe goes into `train_record`."""
+        # the confusion matrix is C×C: skipped for very many classes (it would dwarf the model)
+        wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
+        val = self.evaluate(self.data.val, confusion=wanted)
+        confusion = val.pop("confusion", None)
+        val.pop("label_counts", None)
+        if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
+            probe = self.evaluate(self.eval_probe)
+            probe.pop("tasks", None)
+            train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
+                                eval_images=self.eval_probe.num_images)  # fmt: skip
+        return val, confusion

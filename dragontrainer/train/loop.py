@@ -25,6 +25,7 @@ from dragontrainer.optim.optimizers import base_lr
 from dragontrainer.optim.schedules import create_schedule
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir
+from dragontrainer.train.allocator import configure_allocator
 from dragontrainer.train.build import (
     Optimisation,
     build_augmenter,
@@ -34,7 +35,6 @@ from dragontrainer.train.build import (
     build_optimizer,
     loss_weights,
 )
-from dragontrainer.train.allocator import configure_allocator
 from dragontrainer.train.callbacks import Callback, EarlyStopping
 from dragontrainer.train.compile import training_forward
 from dragontrainer.train.device import configure_determinism, resolve_device
@@ -115,6 +115,7 @@ def fit(
         tensorboard=create_tensorboard(recipe.monitor, run),
         eval_probe=probe_loader(loop_data.train, recipe.train.eval_batch_size) if monitor is not None else None,
         forward=training_forward(model, recipe.train.compile, device, console),
+        val_every=recipe.train.val_every, epochs=recipe.train.epochs,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device) if data.tasks is None else TaskMeter(device, criterion)
     if resume:
