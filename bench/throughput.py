@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
 import tempfile
 import time
@@ -61,19 +62,31 @@ def bf16_override() -> str:
     return "train.precision=bf16" if "precision" in TrainSpec.model_fields else "train.amp=on"
 
 
-class EpochClock(Callback):
-    """Wall time at each epoch's end: consecutive differences are whole epochs (train + validation +
-    everything between epochs)."""
+def usage() -> tuple[int, float]:
+    """(minor page faults, system seconds) of this process so far."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_minflt, own.ru_stime
 
-    def __init__(self) -> None:
+
+class EpochClock(Callback):
+    """Wall time (and faults, system time) at each epoch's end: consecutive differences are whole
+    epochs (train + validation + everything between epochs)."""
+
+    def __init__(self, costs: list[tuple[int, float]]) -> None:
         self.ends: list[float] = []
+        self.usage: list[tuple[int, float]] = []
+        self.costs = costs
 
     def on_epoch_end(self, state: object, logs: object) -> None:
         self.ends.append(time.perf_counter())
+        self.usage.append(usage())
+        if len(self.usage) > 1:
+            (f0, s0), (f1, s1) = self.usage[-2:]
+            self.costs.append((f1 - f0, s1 - s0))
 
 
-def dragontrainer_rates(recipe: Recipe, wall: list[float]) -> list[float]:
-    clock = EpochClock()
+def dragontrainer_rates(recipe: Recipe, wall: list[float], costs: list[tuple[int, float]]) -> list[float]:
+    clock = EpochClock(costs)
     started = time.perf_counter()
     result = train(recipe, callbacks=[clock])
     wall.append(time.perf_counter() - started)
@@ -81,7 +94,9 @@ def dragontrainer_rates(recipe: Recipe, wall: list[float]) -> list[float]:
     return [n / (b - a) for n, a, b in zip(images[1:], clock.ends, clock.ends[1:], strict=False)]
 
 
-def minimal_rates(recipe: Recipe, device: torch.device, bf16: bool, wall: list[float]) -> list[float]:
+def minimal_rates(
+    recipe: Recipe, device: torch.device, bf16: bool, wall: list[float], costs: list[tuple[int, float]]
+) -> list[float]:
     """What a careful person writes by hand: device tensors, sliced batches, no DataLoader; validation
     every epoch in eval mode, one host sync per epoch."""
     started = time.perf_counter()
@@ -114,10 +129,10 @@ def minimal_rates(recipe: Recipe, device: torch.device, bf16: bool, wall: list[f
     flip_p = 0.5 if data.flip_safe else 0.0
     arange = torch.arange(size, device=device)
     rates = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, (faults, system) = time.perf_counter(), usage()
         model.train()
         order = torch.randperm(len(x), device=device)
         for i in range(steps):
@@ -147,6 +162,8 @@ def minimal_rates(recipe: Recipe, device: torch.device, bf16: bool, wall: list[f
                 correct += (logits.argmax(1) == target).sum()
         val_loss.item(), correct.item()  # the epoch's one host sync
         rates.append(steps * batch / (time.perf_counter() - start))
+        if epoch:
+            costs.append((usage()[0] - faults, usage()[1] - system))
     wall.append(time.perf_counter() - started)
     return rates[1:]
 
@@ -160,13 +177,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternations of the sides")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on every side")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--only", choices=SIDES, help="one side, one repeat (for /usr/bin/time -v)")
     args = parser.parse_args()
     sides = [args.only] if args.only else [s.strip() for s in args.sides.split(",")]
     repeats = 1 if args.only else args.repeats
+    if args.threads:  # on a busy shared machine, 1 thread per process keeps OpenMP from spinning against others
+        torch.set_num_threads(args.threads)
     if "plain" not in sides and not args.only:
         parser.error("--sides must include plain (the ratios are against it)")
-    configure_allocator()  # the same process-wide allocator for every side (it is dragontrainer's default)
+    print(f"allocator thresholds set: {configure_allocator()}")  # the same for every side (dragontrainer's default)
     epochs = args.epochs or (6 if args.data == "digits" else 3)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -183,15 +203,16 @@ def main() -> None:
             device = torch.device(args.device)
         rates: dict[str, list[float]] = {side: [] for side in sides}
         wall: dict[str, list[float]] = {side: [] for side in sides}
+        costs: dict[str, list[tuple[int, float]]] = {side: [] for side in sides}
         for repeat in range(repeats):
             for side in sides:
                 if side == "plain":
-                    rates[side] += minimal_rates(recipe, device, args.bf16, wall[side])
+                    rates[side] += minimal_rates(recipe, device, args.bf16, wall[side], costs[side])
                     continue
                 run = recipe.with_overrides(
                     {"run.dir": str(folder / f"{side}{repeat}"), "monitor.enabled": side == "dragon"}
                 )
-                rates[side] += dragontrainer_rates(run, wall[side])
+                rates[side] += dragontrainer_rates(run, wall[side], costs[side])
         report_seconds = None
         if "dragon" in sides:
             started = time.perf_counter()
@@ -202,14 +223,16 @@ def main() -> None:
     print(
         f"data={args.data} device={device} model={recipe.model.name} ({count_parameters(model):,} parameters) "
         f"batch={recipe.train.batch_size} eval_batch={recipe.train.eval_batch_size} epochs={epochs} "
-        f"precision={'bf16' if args.bf16 else 'fp32'} repeats={repeats} "
+        f"precision={'bf16' if args.bf16 else 'fp32'} threads={torch.get_num_threads()} repeats={repeats} "
         f"(n={len(rates[sides[0]])} timed whole epochs per side)"
     )
     for side in sides:
         r = rates[side]
         print(
             f"{side:13s} images/s = {statistics.median(r):,.0f} (median; min {min(r):,.0f}, max {max(r):,.0f}); "
-            f"whole run {statistics.median(wall[side]):.2f} s"
+            f"whole run {statistics.median(wall[side]):.2f} s; per epoch "
+            f"{statistics.median(c[0] for c in costs[side]):,.0f} minor faults, "
+            f"{statistics.median(c[1] for c in costs[side]):.2f} s system time"
         )
     if report_seconds is not None:
         print(f"report.html (findings + figures) for one run, written again: {report_seconds:.2f} s")
