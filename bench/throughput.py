@@ -13,6 +13,8 @@ side's rate is the median over its timed epochs (training images per whole-epoch
     python bench/throughput.py --data cifar-shape               # 3×32×32, batch 256, 647K-param VGG
     python bench/throughput.py --data cifar-shape --bf16        # bf16 autocast on both sides
 
+Precision is pinned on both sides (fp32, or bf16 autocast with `--bf16`): `train.precision=auto`
+would probe and might pick bf16 for dragontrainer alone.
 Sides: `dragon` (defaults, monitors on), `dragon-nomon` (monitors off) and `plain`. The last lines are
 `ratio_<side>=<side / plain>`. The C allocator is set up once for the whole process
 (dragontrainer/train/allocator.py), so it serves both sides alike; its own effect is measured per
@@ -57,9 +59,12 @@ def make_data(kind: str, images: int, folder: Path) -> list[str]:
     return ["data.source=npz", f"data.path={folder / 'cifar_shape.npz'}", "train.batch_size=256", *CIFAR_MODEL]
 
 
-def bf16_override() -> str:
-    """bf16 autocast, in whichever spelling this version's recipe has."""
-    return "train.precision=bf16" if "precision" in TrainSpec.model_fields else "train.amp=on"
+def precision_override(bf16: bool) -> str:
+    """The same arithmetic on both sides: precision pinned (auto could pick bf16 for dragontrainer only),
+    in whichever spelling this version's recipe has."""
+    if "precision" in TrainSpec.model_fields:
+        return f"train.precision={'bf16' if bf16 else 'fp32'}"
+    return f"train.amp={'on' if bf16 else 'off'}"
 
 
 def usage() -> tuple[int, float]:
@@ -195,7 +200,7 @@ def main() -> None:
             f"train.epochs={epochs}",
             f"train.device={args.device}",
             "train.early_stopping.patience=null",
-            *([bf16_override()] if args.bf16 else []),
+            precision_override(args.bf16),
         ]
         recipe = Recipe.load(overrides=overrides)
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
