@@ -9,7 +9,9 @@ import pytest
 from safetensors.torch import load_file
 
 from dragontrainer import Recipe, resume, train
+from dragontrainer.train.callbacks import Callback
 from dragontrainer.train.outcomes import TrainingInterrupted
+from dragontrainer.train.state import TrainState
 from tests.conftest import TINY
 from tests.train.test_loop import InterruptAt
 
@@ -59,3 +61,16 @@ def test_resume_mid_way_matches_an_uninterrupted_run(tmp_path: Path) -> None:
             load_file(str(run / "checkpoints" / tag / "model.safetensors")) for run in (full.run_dir, resumed.run_dir)
         )
         assert all(a[k].equal(b[k]) for k in a), tag
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_epoch_end(self, state: TrainState, logs: dict) -> None:
+        state.request_stop("stopped by a test callback")
+
+
+def test_a_stop_after_an_epoch_without_validation_still_has_a_result(tmp_path: Path) -> None:
+    recipe = Recipe.load(overrides=[*TINY, "train.val_every=3", "monitor.report=false", f"run.dir={tmp_path / 'r'}"])
+    result = train(recipe, callbacks=[StopAfterFirstEpoch()])
+    assert splits(result.history) == [(1, "train")]  # nothing validated was recorded...
+    assert result.epochs == 1 and 0 <= result.val_accuracy <= 1  # ...but finish scores the weights it has
+    assert "stopped by a test callback" in (result.stop_reason or "")
