@@ -486,6 +486,9 @@ class TrainSpec(Section):
     epochs: int = Field(30, ge=1, le=100_000)
     batch_size: int = Field(128, ge=1, le=1_000_000)
     eval_batch_size: int = Field(1024, ge=1, le=1_000_000)
+    # validate every this many epochs (and always after the last); early stopping's patience and
+    # reduce-on-plateau count validations
+    val_every: int = Field(1, ge=1, le=100_000)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     class_weights: Literal["none", "balanced"] | list[float] = "none"  # balanced: N / (C · count_c) on train
     accumulate_steps: int = Field(1, ge=1, le=4096)  # gradient accumulation: effective batch = batch × this

@@ -84,6 +84,8 @@ class ReportToStudy(Callback):
 
     def on_epoch_end(self, state: TrainState, logs: Logs) -> None:
         epoch = state.epoch + 1  # `state.epoch` counts completed epochs; this one completes now
+        if self.monitor not in logs:
+            return  # an epoch without validation (train.val_every): nothing to report or prune on
         self.trial.report(as_loss(float(logs[self.monitor]), self.monitor), epoch)
         if self.prune and epoch < self.epochs and self.trial.should_prune():
             state.request_stop(f"{PRUNED_REASON} after epoch {epoch} ({self.monitor} {logs[self.monitor]:.4f})")

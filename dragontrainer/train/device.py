@@ -28,7 +28,9 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
     """CPU runs are reproducible as they are; on CUDA, `deterministic` trades speed for bitwise repeats."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-    # set both ways: the switch is process-wide, and a previous run in this process may have turned it on
-    torch.use_deterministic_algorithms(deterministic)
+    # the switch is process-wide (a previous run in this process may have turned it on), and setting it
+    # imports the compiler stack (torch._dynamo, ~1.6 s): only when it changes
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        torch.use_deterministic_algorithms(deterministic)
     # fastest kernels for fixed shapes, not bitwise repeatable
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic

@@ -72,6 +72,8 @@ class Loop:
     distributed: Distributed = SINGLE
     trained: nn.Module | None = None
     seed: int = 0  # ranks other than 0 derive their own random streams from it (decorrelate_rng)
+    val_every: int = 1  # train.val_every: validate every this many epochs, and always after the last
+    epochs: int = 0  # train.epochs: the last epoch, always validated
 
     def __post_init__(self) -> None:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -295,14 +297,16 @@ class Loop:
     def current_lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)  # groups may run at lr_mult or 0
 
+    def validates(self, state: TrainState) -> bool:
+        """Whether the epoch now ending is scored on validation: every `val_every`-th epoch, the last
+        one, and one the run is about to stop after (a callback or signal asked during it)."""
+        epoch = state.epoch + 1
+        return epoch % self.val_every == 0 or epoch >= self.epochs or state.stop_reason is not None
+
     def end_epoch(self, state: TrainState, meter: EpochMeter, stopper: EarlyStopping) -> dict[str, Any]:
-        """Evaluate, log both splits, let callbacks decide, write `best` and `last`."""
-        # the confusion matrix is C×C: skipped for very many classes (it would dwarf the model)
-        wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
-        # several ranks: rank 0 validates (the others get its numbers with the logs below)
-        val = self.evaluate(self.data.val, confusion=wanted) if self.distributed.is_main else {"loss": 0, "accuracy": 0}
-        confusion = val.pop("confusion", None)
-        val.pop("label_counts", None)
+        """Evaluate (on validation epochs), log, let callbacks decide, write `best` and `last`.
+        An epoch without validation has a train record only: callbacks' `on_eval_end` is not called
+        (early stopping counts validations) and it cannot become `best`."""
         epoch = state.epoch + 1
         train_record = {
             "epoch": epoch, "split": "train", "step": state.global_step, "loss": meter.loss(),
@@ -311,25 +315,24 @@ class Loop:
         }  # fmt: skip
         if isinstance(meter, TaskMeter):
             train_record["tasks"] = meter.task_metrics()
-        if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
-            probe = self.evaluate(self.eval_probe)
-            probe.pop("tasks", None)
-            train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
-                                eval_images=self.eval_probe.num_images)  # fmt: skip
-        val_record = {"epoch": epoch, "split": "val", "step": state.global_step, **val}
-        logs = {"train_loss": train_record["loss"], "train_accuracy": train_record["accuracy"],
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"]}  # fmt: skip
-        logs = self.distributed.broadcast(logs)  # rank 0 validates: every rank's callbacks decide on its numbers
-        for callback in self.callbacks:
-            callback.on_eval_end(state, logs)
+        logs: dict[str, Any] = {"train_loss": train_record["loss"], "train_accuracy": train_record["accuracy"]}
+        records, confusion = [train_record], None
+        validated = self.distributed.broadcast(self.validates(state))  # ranks agree (a stop may be rank 0's)
+        if validated:
+            val, confusion = self.validate_epoch(train_record)
+            records.append({"epoch": epoch, "split": "val", "step": state.global_step, **val})
+            logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            logs = self.distributed.broadcast(logs)  # rank 0 validates: every rank's callbacks decide on its numbers
+            for callback in self.callbacks:
+                callback.on_eval_end(state, logs)
         if self.tensorboard is not None:
             self.tensorboard.write_epoch(epoch, logs)
-        self.run.append_metrics(train_record)
-        self.run.append_metrics(val_record)
+        for record in records:
+            self.run.append_metrics(record)
         self.run.write_metrics_csv()
-        if stopper.improved:
+        if validated and stopper.improved:
             state.best_epoch = epoch
-        if stopper.improved and self.distributed.is_main:
+        if validated and stopper.improved and self.distributed.is_main:
             best_state = {"train": {**state.state_dict(), "epoch": epoch}, "metrics": logs}
             save_checkpoint(self.run.checkpoints / "best", self.model, None, best_state)
         for callback in self.callbacks:
@@ -346,3 +349,19 @@ class Loop:
             "lr": train_record["lr"],
             "images_per_second": train_record["images_per_second"],
         }
+
+    def validate_epoch(self, train_record: dict[str, Any]) -> tuple[dict[str, Any], list[list[int]] | None]:
+        """The validation scores and confusion matrix; the eval-mode training probe goes into `train_record`."""
+        # the confusion matrix is C×C: skipped for very many classes (it would dwarf the model)
+        wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
+        if not self.distributed.is_main:  # several ranks: rank 0 validates, end_epoch broadcasts its numbers
+            return {"loss": 0.0, "accuracy": 0.0}, None
+        val = self.evaluate(self.data.val, confusion=wanted)
+        confusion = val.pop("confusion", None)
+        val.pop("label_counts", None)
+        if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
+            probe = self.evaluate(self.eval_probe)
+            probe.pop("tasks", None)
+            train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
+                                eval_images=self.eval_probe.num_images)  # fmt: skip
+        return val, confusion

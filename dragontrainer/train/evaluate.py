@@ -10,7 +10,6 @@ from torch import nn
 from dragontrainer.data.augment import flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor
-from dragontrainer.monitor.stats import confusion_matrix
 from dragontrainer.train.class_metrics import summary_metrics
 
 MAX_CONFUSION_CLASSES = 1000  # the C×C matrix is skipped above this: it would dwarf the model
@@ -29,7 +28,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Mean loss, accuracy, balanced accuracy and macro F1 over a whole split of uint8 images, in eval
     mode (batch norm uses running statistics); with `tta_flip`, the softmax is averaged with the mirror
-    image's. With `num_classes`, also the confusion matrix (`confusion[true][predicted]`)."""
+    image's. With `num_classes`, also the confusion matrix (`confusion[true][predicted]`).
+    Everything accumulates on the device: one host sync per split, none per batch."""
     was_training = model.training
     model.eval()
     device = loader.device
@@ -43,8 +43,7 @@ def evaluate(
         loss_sum += criterion(logits.float(), y).double() * len(y)
         predictions = logits.argmax(1)
         correct += (predictions == y).sum()
-        batch_confusion = confusion_matrix(y, predictions, num_classes or logits.shape[1])
-        confusion = batch_confusion if confusion is None else confusion + batch_confusion
+        confusion = add_to_confusion(confusion, y, predictions, num_classes or logits.shape[1])
     model.train(was_training)
     count = max(loader.num_images, 1)
     result: dict[str, Any] = {"loss": float(loss_sum) / count, "accuracy": int(correct) / count}
@@ -53,6 +52,18 @@ def evaluate(
         if num_classes:
             result["confusion"] = confusion.tolist()
     return result
+
+
+def add_to_confusion(
+    confusion: torch.Tensor | None, labels: torch.Tensor, predictions: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """`confusion[true][predicted] += 1` for a batch, in place (torch.bincount would sync the host on
+    CUDA to find its length, and allocate a C×C matrix per batch)."""
+    if confusion is None:
+        confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=labels.device)
+    cells = labels * num_classes + predictions
+    confusion.view(-1).index_put_((cells,), torch.ones_like(cells), accumulate=True)
+    return confusion
 
 
 def epoch_record(epoch: int, step: int, confusion: list[list[int]]) -> dict[str, Any]:

@@ -29,6 +29,8 @@ def finish(loop: Loop, recipe: Recipe, state: TrainState, seconds: float) -> Tra
     history = loop.run.history()
     train = [r for r in history if r["split"] == "train"]
     val = [r for r in history if r["split"] == "val"]
+    if not val:  # train.val_every and a callback stopped the run after an epoch without validation
+        val = [{"epoch": state.epoch, "split": "val", **loop.evaluate(loop.data.val)}]
     best = next((r for r in val if r["epoch"] == state.best_epoch), val[-1])
     test = None
     if checkpoint_folder(loop.run.checkpoints / "best") is not None:

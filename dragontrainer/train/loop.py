@@ -25,6 +25,7 @@ from dragontrainer.optim.optimizers import base_lr
 from dragontrainer.optim.schedules import create_schedule
 from dragontrainer.recipe import Recipe
 from dragontrainer.run import RunDir
+from dragontrainer.train.allocator import configure_allocator
 from dragontrainer.train.build import (
     Optimisation,
     build_augmenter,
@@ -81,6 +82,7 @@ def fit(
         console, progress = Console(stderr=True, quiet=True), False
     console = console or Console(stderr=True, quiet=not progress)
     started = time.perf_counter()
+    configure_allocator()  # once per process: large blocks reused, not mmapped per step (allocator.py)
     device = ranks.place(resolve_device(recipe.train.device))
     configure_determinism(recipe.train.deterministic, device)
     check_precision(recipe.train.precision, device)  # fp16 without CUDA: refused before any work
@@ -138,6 +140,7 @@ def fit(
         eval_probe=probe_loader(loop_data.train, recipe.train.eval_batch_size) if monitor is not None else None,
         forward=training_forward(model if trained is None else trained, recipe.train.compile, device, console),
         distributed=ranks, trained=trained, seed=recipe.seed,
+        val_every=recipe.train.val_every, epochs=recipe.train.epochs,
     )  # fmt: skip
     state, meter = TrainState(), EpochMeter(device) if data.tasks is None else TaskMeter(device, criterion)
     if resume:

@@ -110,10 +110,12 @@ class TrainProgress:
         if not self.enabled:
             return
         self.bar.update(self.task, completed=global_step)
+        validation = (  # an epoch without validation (train.val_every) shows the training numbers only
+            f"val loss {record['val_loss']:.3f} acc {record['val_accuracy']:.1%}  " if "val_loss" in record else ""
+        )
         summary = (
             f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.3f} "
-            f"acc {record['train_accuracy']:.1%}  val loss {record['val_loss']:.3f} "
-            f"acc {record['val_accuracy']:.1%}  lr {record['lr']:.2g}"
+            f"acc {record['train_accuracy']:.1%}  {validation}lr {record['lr']:.2g}"
         )
         if self.plain:  # the line a log file keeps: everything the bar would have shown
             self.last_plain = self.clock()

@@ -79,10 +79,11 @@ def plateaued(run: RunRecords) -> bool:
     the first half: it stopped learning. Best against best, so one noisy epoch of the fixed probe (±2
     points) neither makes nor hides a plateau, whatever the schedule does in between."""
     key = "eval_accuracy" if run.train[-1].get("eval_accuracy") is not None else "accuracy"
-    half = len(run.train) // 2
+    measured = [r[key] for r in run.train if r.get(key) is not None]  # the probe runs on validation epochs only
+    half = len(measured) // 2
     if half < 2:
         return False
-    first, second = (max(r[key] for r in part) for part in (run.train[:half], run.train[half:]))
+    first, second = max(measured[:half]), max(measured[half:])
     return second - first < 0.03
 
 
