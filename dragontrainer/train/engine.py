@@ -39,6 +39,9 @@ from dragontrainer.train.progress import TrainProgress
 from dragontrainer.train.state import EpochMeter, TrainState, capture_rng, restore_rng
 
 CHECK_EVERY = 50  # steps between divergence checks (each one a device sync)
+# the eval-mode training probe (512 images, diagnosis) runs at every 2nd validation and the last: 4% → 2% of a
+# CIFAR-shaped epoch; the diagnosis reads the last fit and the best of each half of the series
+PROBE_EVERY = 2
 STOP_CHECK_EVERY = 10  # several ranks: optimiser steps between the (collective) checks for a stop request
 
 
@@ -319,12 +322,14 @@ class Loop:
         records, confusion = [train_record], None
         validated = self.distributed.broadcast(self.validates(state))  # ranks agree (a stop may be rank 0's)
         if validated:
-            val, confusion = self.validate_epoch(train_record)
+            val, confusion = self.validate_epoch()
             records.append({"epoch": epoch, "split": "val", "step": state.global_step, **val})
             logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             logs = self.distributed.broadcast(logs)  # rank 0 validates: every rank's callbacks decide on its numbers
             for callback in self.callbacks:
                 callback.on_eval_end(state, logs)
+            if self.eval_probe is not None and self.probes(state):
+                self.probe_training(train_record)
         if self.tensorboard is not None:
             self.tensorboard.write_epoch(epoch, logs)
         for record in records:
@@ -350,8 +355,8 @@ class Loop:
             "images_per_second": train_record["images_per_second"],
         }
 
-    def validate_epoch(self, train_record: dict[str, Any]) -> tuple[dict[str, Any], list[list[int]] | None]:
-        """The validation scores and confusion matrix; the eval-mode training probe goes into `train_record`."""
+    def validate_epoch(self) -> tuple[dict[str, Any], list[list[int]] | None]:
+        """The validation scores and the confusion matrix."""
         # the confusion matrix is C×C: skipped for very many classes (it would dwarf the model)
         wanted = self.monitor is not None and self.data.num_classes <= MAX_CONFUSION_CLASSES
         if not self.distributed.is_main:  # several ranks: rank 0 validates, end_epoch broadcasts its numbers
@@ -359,9 +364,19 @@ class Loop:
         val = self.evaluate(self.data.val, confusion=wanted)
         confusion = val.pop("confusion", None)
         val.pop("label_counts", None)
-        if self.eval_probe is not None:  # training accuracy as validation is measured: eval mode, no augmentation
-            probe = self.evaluate(self.eval_probe)
-            probe.pop("tasks", None)
-            train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
-                                eval_images=self.eval_probe.num_images)  # fmt: skip
         return val, confusion
+
+    def probes(self, state: TrainState) -> bool:
+        """Whether this validation epoch also scores the training probe: every PROBE_EVERY-th validation,
+        and the epoch the run ends on (the diagnosis compares the last fit with validation)."""
+        epoch = state.epoch + 1
+        nth = epoch // self.val_every
+        return nth % PROBE_EVERY == 0 or epoch >= self.epochs or state.stop_reason is not None
+
+    def probe_training(self, train_record: dict[str, Any]) -> None:
+        """Training accuracy as validation is measured (eval mode, no augmentation) on the fixed probe subset."""
+        assert self.eval_probe is not None
+        probe = self.evaluate(self.eval_probe)
+        probe.pop("tasks", None)
+        train_record.update(eval_loss=probe["loss"], eval_accuracy=probe["accuracy"],
+                            eval_images=self.eval_probe.num_images)  # fmt: skip

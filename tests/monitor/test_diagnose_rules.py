@@ -139,3 +139,12 @@ def test_an_off_range_rate_counts_when_its_updates_are_off_the_same_way(
     assert (found is not None) == fires
     if found:
         assert found.overrides == ["optim.lr=auto"] and found.strong
+
+
+def test_the_fit_compares_the_latest_probed_epoch_with_the_same_epoch_s_validation() -> None:
+    """The eval-mode probe runs at every 2nd validation and the last epoch; a run stopped after an epoch
+    without it is judged on its latest probed epoch, against that epoch's validation, not the last one."""
+    run = records([0.5, 0.9, 0.95], [0.4, 0.8, 0.3])
+    del run.train[-1]["eval_accuracy"]  # epoch 3 ran no probe
+    assert run.fit is not None and run.fit.eval_mode
+    assert (run.fit.train, run.fit.val) == (0.9, 0.8)

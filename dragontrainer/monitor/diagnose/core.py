@@ -153,11 +153,18 @@ class RunRecords:
         predates it) against validation accuracy, at the last epoch: like compared with like."""
         if not self.val or not self.train:
             return None
-        last = self.train[-1]
+        # the probe runs at every 2nd validation and the last; a stopped run's last may lack it: the latest
+        # probed epoch, against the validation of that same epoch
+        last = next((r for r in reversed(self.train) if r.get("eval_accuracy") is not None), self.train[-1])
         eval_mode = last.get("eval_accuracy") is not None
         train = last["eval_accuracy"] if eval_mode else last["accuracy"]
         n_train = last.get("eval_images") or self.data.get("num_train", 1)
-        return Fit(train, self.val[-1]["accuracy"], n_train, max(self.data.get("num_val", 1), 1), eval_mode)
+        val = (
+            next((r for r in reversed(self.val) if r["epoch"] == last["epoch"]), self.val[-1])
+            if eval_mode
+            else self.val[-1]
+        )
+        return Fit(train, val["accuracy"], n_train, max(self.data.get("num_val", 1), 1), eval_mode)
 
     @cached_property
     def neighbours(self) -> dict[str, Any] | None:

@@ -78,8 +78,9 @@ def plateaued(run: RunRecords) -> bool:
     """The second half of the run gained under 3 points of training accuracy (eval mode) over the best of
     the first half: it stopped learning. Best against best, so one noisy epoch of the fixed probe (±2
     points) neither makes nor hides a plateau, whatever the schedule does in between."""
-    key = "eval_accuracy" if run.train[-1].get("eval_accuracy") is not None else "accuracy"
-    measured = [r[key] for r in run.train if r.get(key) is not None]  # the probe runs on validation epochs only
+    probed = any(r.get("eval_accuracy") is not None for r in run.train)
+    key = "eval_accuracy" if probed else "accuracy"
+    measured = [r[key] for r in run.train if r.get(key) is not None]  # the probe: every 2nd validation and the last
     half = len(measured) // 2
     if half < 2:
         return False
