@@ -513,6 +513,17 @@ class TrainSpec(Section):
     # binary targets and multi-label targets (a 0/1 matrix per image)
     loss: Literal["softmax", "sigmoid"] = "softmax"
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        """One message for the three values (a bool-or-literal union would report two)."""
+        words = {"true": True, "false": False, "auto": "auto", "on": True, "off": False}
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if isinstance(value, str) and value.lower() in words:
+            return words[value.lower()]
+        raise ValueError(f"must be true, false or auto, got {value!r}")
+
     @model_validator(mode="before")
     @classmethod
     def _amp_is_precision(cls, values: Any) -> Any:

@@ -64,3 +64,17 @@ def test_a_compiled_run_trains_and_saves_plain_parameter_names(tiny: list[str]) 
     names = load_file(result.run_dir / "checkpoints" / "last" / "model.safetensors")
     assert not any(name.startswith("_orig_mod") for name in names)
     assert result.val_accuracy > 0.2
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("off", False), ("auto", "auto")])
+def test_compile_takes_true_false_auto(value: str, expected: object) -> None:
+    from dragontrainer import Recipe
+
+    assert Recipe.load(overrides=[f"train.compile={value}"]).train.compile == expected
+
+
+def test_a_wrong_compile_value_is_one_message() -> None:
+    from dragontrainer import Recipe, RecipeError
+
+    with pytest.raises(RecipeError, match=r"^recipe field train.compile: must be true, false or auto, got 'maybe'$"):
+        Recipe.load(overrides=["train.compile=maybe"])
