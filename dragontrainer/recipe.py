@@ -7,34 +7,99 @@ Each stage of the pipeline receives only its own section (``create_model(recipe.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dragontrainer.errors import RecipeError, shorten
+from dragontrainer.recipe_augment import (
+    AffineSpec,
+    AugmentSpec,
+    ColorJitterSpec,
+    CropSpec,
+    CutoutSpec,
+    ErasingSpec,
+    FancyPcaSpec,
+    FlipSpec,
+    HsvJitterSpec,
+    MixSpec,
+    NoiseSpec,
+    Op,
+    ResizedCropSpec,
+    RotateSpec,
+    TranslateSpec,
+)
+from dragontrainer.recipe_base import Section, _check_registered, yaml_switch
+from dragontrainer.recipe_text import (
+    MAX_YAML_NODES,
+    OLD_NAMES,
+    RecipeLoader,
+    check_known_keys,
+    describe_validation_error,
+    dotted_values,
+    expanded_size,
+    load_yaml,
+    parse_override,
+    read_yaml_mapping,
+    schema_keys,
+    set_dotted,
+    unknown_key_message,
+)
+
+# the one schema's public names: its sections, and the text helpers re-exported from recipe_text.py
+__all__ = [
+    "MAX_SEED",
+    "MAX_YAML_NODES",
+    "OLD_NAMES",
+    "AffineSpec",
+    "AugmentSpec",
+    "ColorJitterSpec",
+    "CropSpec",
+    "CutoutSpec",
+    "DataSpec",
+    "EarlyStoppingSpec",
+    "ErasingSpec",
+    "FancyPcaSpec",
+    "FlipSpec",
+    "HsvJitterSpec",
+    "LrFindSpec",
+    "MixSpec",
+    "ModelSpec",
+    "MonitorSpec",
+    "MultitaskSpec",
+    "NoiseSpec",
+    "Op",
+    "OptimSpec",
+    "PreprocessSpec",
+    "Recipe",
+    "RecipeLoader",
+    "RegularizeSpec",
+    "ResizedCropSpec",
+    "RotateSpec",
+    "RunSpec",
+    "ScheduleSpec",
+    "Section",
+    "TrainSpec",
+    "TransferRule",
+    "TransferSpec",
+    "TranslateSpec",
+    "check_known_keys",
+    "describe_validation_error",
+    "dotted_values",
+    "expanded_size",
+    "load_yaml",
+    "parse_override",
+    "read_yaml_mapping",
+    "schema_keys",
+    "set_dotted",
+    "unknown_key_message",
+    "yaml_switch",
+]
 
 MAX_SEED = 2**31 - 1  # every RNG accepts it, with room for the offsets runs add (seed + 1, seed·1,000,003 + step)
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _check_registered(kind: str, name: str) -> str:
-    """Validate a component name against its registry (imported lazily: registries import this module)."""
-    from dragontrainer.registry import ALL_REGISTRIES, all_components
-
-    all_components()
-    registry = ALL_REGISTRIES[kind]
-    if name not in registry:
-        raise ValueError(registry.unknown_message(name))
-    return name
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -111,180 +176,6 @@ class PreprocessSpec(Section):
     @classmethod
     def _known(cls, name: str) -> str:
         return _check_registered("preprocess", name)
-
-
-class FlipSpec(Section):
-    """Horizontal flip."""
-
-    p: float | Literal["auto"] = "auto"  # auto: 0.5, or 0 for data whose meaning flips (digits)
-
-    @field_validator("p")
-    @classmethod
-    def _probability(cls, p: float | str) -> float | str:
-        if p != "auto" and not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"must be 'auto' or a probability in [0, 1], got {p}")
-        return p
-
-
-class Op(Section):
-    """An augmentation applied to each image with probability p (0: off)."""
-
-    p: float = Field(0.0, ge=0, le=1)
-
-
-def _ordered_range(low: float, high: float, name: str) -> None:
-    if low > high:
-        raise ValueError(f"{name}: low {low} must not exceed high {high}")
-
-
-class CropSpec(Op):
-    """Padded random crop back to the original size (a random shift by up to `padding` pixels)."""
-
-    p: float = Field(1.0, ge=0, le=1)
-    padding: int | Literal["auto"] = "auto"  # auto: image size / 8 (4 px on 32×32, 1 px on 8×8)
-    padding_mode: Literal["reflect", "zeros"] = "reflect"
-
-    @field_validator("padding")
-    @classmethod
-    def _non_negative(cls, padding: int | str) -> int | str:
-        if padding != "auto" and int(padding) < 0:
-            raise ValueError(f"must be 'auto' or an integer >= 0, got {padding}")
-        return padding
-
-
-class ResizedCropSpec(Op):
-    """Random resized crop: a box of `scale` of the area and `ratio` aspect, resized to the full size."""
-
-    scale: tuple[float, float] = (0.5, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> ResizedCropSpec:
-        _ordered_range(*self.scale, "scale")
-        _ordered_range(*self.ratio, "ratio")
-        if not 0 < self.scale[0] <= 1 or self.scale[1] > 1 or self.ratio[0] <= 0:
-            raise ValueError(f"scale must lie in (0, 1] and ratio be positive, got {self.scale}, {self.ratio}")
-        return self
-
-
-class RotateSpec(Op):
-    """Rotation by an angle uniform in ±degrees."""
-
-    degrees: float = Field(15.0, ge=0, le=180)
-
-
-class TranslateSpec(Op):
-    """Shift by up to ±fraction of the width and height."""
-
-    fraction: float = Field(0.1, ge=0, le=1)
-
-
-class AffineSpec(Op):
-    """Random affine: rotation, translation, isotropic scale and shear together."""
-
-    degrees: float = Field(10.0, ge=0, le=180)
-    translate: float = Field(0.1, ge=0, le=1)
-    scale: tuple[float, float] = (0.9, 1.1)
-    shear_degrees: float = Field(5.0, ge=0, lt=90)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> AffineSpec:
-        _ordered_range(*self.scale, "scale")
-        return self
-
-
-class ColorJitterSpec(Op):
-    """Brightness (±, additive), contrast, saturation (× factor in 1 ± x) and hue (± fraction of the circle)."""
-
-    brightness: float = Field(0.2, ge=0, le=1)
-    contrast: float = Field(0.2, ge=0, le=1)
-    saturation: float = Field(0.2, ge=0, le=1)  # RGB only
-    hue: float = Field(0.05, ge=0, le=0.5)  # RGB only
-
-
-class HsvJitterSpec(Op):
-    """The reference's HSV jitter: S and V → S^power·factor + offset; hue + offset (per image)."""
-
-    power: tuple[float, float] = (0.25, 4.0)  # drawn log-uniformly, so 1 is the median
-    factor: tuple[float, float] = (0.7, 1.4)
-    offset: tuple[float, float] = (-0.1, 0.1)
-    hue_offset: tuple[float, float] = (-0.1, 0.1)  # fraction of the hue circle
-
-    @model_validator(mode="after")
-    def _ranges(self) -> HsvJitterSpec:
-        for name in ("power", "factor", "offset", "hue_offset"):
-            _ordered_range(*getattr(self, name), name)
-        if self.power[0] <= 0:
-            raise ValueError(f"power must be positive, got {self.power}")
-        return self
-
-
-class FancyPcaSpec(Op):
-    """AlexNet's fancy PCA: add Σ αᵢλᵢpᵢ to every pixel, α ~ N(0, std²) drawn per image, each use."""
-
-    std: float = Field(0.1, ge=0)
-
-
-class NoiseSpec(Op):
-    """Additive Gaussian noise on the pixels (in [0, 1] units)."""
-
-    std: float = Field(0.03, ge=0)
-
-
-class CutoutSpec(Op):
-    """Cutout (DeVries & Taylor 2017): a square of `size` pixels filled with the mean colour."""
-
-    size: int | Literal["auto"] = "auto"  # auto: half the image side (16 px on 32×32)
-
-    @field_validator("size")
-    @classmethod
-    def _positive(cls, size: int | str) -> int | str:
-        if size != "auto" and int(size) < 1:
-            raise ValueError(f"must be 'auto' or an integer >= 1, got {size}")
-        return size
-
-
-class ErasingSpec(Op):
-    """Random erasing (Zhong et al. 2020): a box of `area` fraction and `ratio` aspect filled with noise."""
-
-    area: tuple[float, float] = (0.02, 0.33)
-    ratio: tuple[float, float] = (0.3, 3.3)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> ErasingSpec:
-        _ordered_range(*self.area, "area")
-        _ordered_range(*self.ratio, "ratio")
-        return self
-
-
-class MixSpec(Op):
-    """Mix pairs of images in a batch (applied to a whole batch with probability p); soft targets."""
-
-    alpha: float = Field(0.2, gt=0)  # λ ~ Beta(alpha, alpha)
-
-
-class AugmentSpec(Section):
-    """Per-batch augmentation on the device, in pixel space ([0, 1]) before preprocessing, in this order."""
-
-    hflip: FlipSpec = FlipSpec()
-    vflip: Op = Op()
-    crop: CropSpec = CropSpec()
-    resized_crop: ResizedCropSpec = ResizedCropSpec()
-    rotate: RotateSpec = RotateSpec()
-    translate: TranslateSpec = TranslateSpec()
-    affine: AffineSpec = AffineSpec()
-    color_jitter: ColorJitterSpec = ColorJitterSpec()
-    hsv_jitter: HsvJitterSpec = HsvJitterSpec()
-    fancy_pca: FancyPcaSpec = FancyPcaSpec()
-    noise: NoiseSpec = NoiseSpec()
-    cutout: CutoutSpec = CutoutSpec()
-    erasing: ErasingSpec = ErasingSpec()
-    mixup: MixSpec = MixSpec()
-    cutmix: MixSpec = MixSpec(alpha=1.0)
-    tta_flip: bool = False  # evaluation averages the softmax of each image and its mirror image
-    # rare classes (fewer than half the largest class's training images): this probability of an extra
-    # random resized crop (resized_crop's scale and ratio) on top of the other augmentation
-    rare_class_boost: float = Field(0.0, ge=0, le=1)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -546,11 +437,6 @@ class TrainSpec(Section):
         return weights
 
 
-def yaml_switch(value: Any) -> Any:
-    """YAML reads `on`/`off` as booleans: take them back as the words the schema uses."""
-    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-
-
 class MonitorSpec(Section):
     """Babysitting: sampled layer statistics on a fixed probe batch, the NaN guard, findings and report."""
 
@@ -698,191 +584,3 @@ class Recipe(Section):
     def to_yaml(self) -> str:
         """The fully resolved recipe as YAML that `Recipe.load` reads back to an equal recipe."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-# ------------------------------------------------------------------------- helpers
-
-
-MAX_YAML_NODES = 20_000  # a recipe has a few hundred; alias expansion beyond this is a YAML bomb
-
-
-class RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two refusals: duplicate keys (YAML silently keeps the last) and
-    documents whose alias expansion exceeds MAX_YAML_NODES (billion laughs), checked on the composed
-    node graph before anything is constructed."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in lines:
-                raise RecipeError(
-                    f"duplicate key {shorten(key, 80)!r} (lines {lines[key]} and {key_node.start_mark.line + 1}); "
-                    "keep one"
-                )
-            if isinstance(key, (str, int, float, bool)):
-                lines[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def expanded_size(node: yaml.Node) -> int:
-    """Nodes after alias expansion, computed on the graph (shared nodes counted per use) without expanding;
-    a recursive alias is refused."""
-    sizes: dict[int, int] = {}
-    in_progress: set[int] = set()
-
-    def size(current: yaml.Node) -> int:
-        key = id(current)
-        if key in sizes:
-            return sizes[key]
-        if key in in_progress:
-            raise RecipeError("a YAML alias refers to itself (recursive structures are not recipes)")
-        in_progress.add(key)
-        children: list[yaml.Node] = []
-        if isinstance(current, yaml.SequenceNode):
-            children = current.value
-        elif isinstance(current, yaml.MappingNode):
-            children = [n for pair in current.value for n in pair]
-        total = 1
-        for child in children:
-            total += size(child)
-            if total > MAX_YAML_NODES:
-                break
-        in_progress.discard(key)
-        sizes[key] = total
-        return total
-
-    return size(node)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse one YAML document safely: bounded size after aliases, no duplicate keys, no tags beyond safe."""
-    loader = RecipeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if expanded_size(node) > MAX_YAML_NODES:
-            raise RecipeError(
-                f"the document expands to more than {MAX_YAML_NODES:,} values through aliases (&anchor/*alias); "
-                "write the recipe out plainly"
-            )
-        return loader.construct_document(node)
-    except RecursionError:
-        raise RecipeError("the YAML is nested too deeply to be a recipe") from None
-    finally:
-        loader.dispose()
-
-
-def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """Read a YAML recipe file; a missing file, bad YAML or a non-mapping is a RecipeError."""
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        loaded = load_yaml(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = str(exc).splitlines()[0]
-        raise RecipeError(f"{path}: not valid YAML ({reason})") from None
-    except RecipeError as exc:
-        raise RecipeError(f"{path}: {exc}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise RecipeError(
-            f"{path}: expected a mapping of sections (data, model, optim, ...), got {type(loaded).__name__}"
-        )
-    return loaded
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"optim.lr=0.05"`` -> ``("optim.lr", 0.05)``; the value is read as YAML (numbers, lists, null)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"override {shorten(item)!r}: expected dotted.key=value, e.g. optim.lr=0.05")
-    try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    except RecipeError as exc:
-        raise RecipeError(f"override {shorten(key.strip(), 80)}: {exc}") from None
-    return key.strip(), value
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``data["a"]["b"] = value`` for key ``"a.b"``, creating (or replacing) sections on the way."""
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[leaf] = value
-
-
-def schema_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, type[BaseModel] | None]:
-    """Every dotted key of the schema -> its section class (None for a leaf value)."""
-    keys: dict[str, type[BaseModel] | None] = {}
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys[dotted] = annotation
-            keys.update(schema_keys(annotation, prefix=f"{dotted}."))
-        else:
-            keys[dotted] = None
-    return keys
-
-
-def dotted_values(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested recipe dump as {"optim.lr": 0.2, ...}: the form overrides, comparisons and trackers use."""
-    items: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            items.update(dotted_values(value, f"{prefix}{key}."))
-        else:
-            items[f"{prefix}{key}"] = value
-    return items
-
-
-OLD_NAMES = {"train.amp": "train.precision"}  # still read (their section's validator translates them)
-
-
-def check_known_keys(data: Mapping[str, Any], prefix: str = "") -> None:
-    """Refuse any key the schema does not have, suggesting the closest valid one."""
-    known = schema_keys()
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if dotted in OLD_NAMES:
-            continue
-        if dotted not in known:
-            raise RecipeError(unknown_key_message(dotted, known))
-        if known[dotted] is not None and isinstance(value, Mapping):
-            check_known_keys(value, prefix=f"{dotted}.")
-
-
-def unknown_key_message(dotted: str, known: Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(dotted[:200], list(known), n=1, cutoff=0.6)
-    if close:
-        return f"unknown key {shorten(dotted, 100)}, did you mean {close[0]}?"
-    section = dotted.rpartition(".")[0]
-    siblings = [k for k in known if k.rpartition(".")[0] == section] or [k for k in known if "." not in k]
-    return f"unknown key {shorten(dotted, 100)}; valid keys here: {', '.join(siblings)}"
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per pydantic error, joined: field, what is wrong (with the allowed range), the value."""
-    parts = []
-    for error in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in error["loc"] if not isinstance(p, int) or len(error["loc"]) == 1)
-        message = error["msg"].removeprefix("Value error, ")
-        message = message[0].lower() + message[1:] if message else message
-        where = f"recipe field {loc}" if loc else "recipe"
-        shown = error.get("input")
-        already_named = "got" in message or repr(shown) in message
-        got = "" if isinstance(shown, dict) or already_named else f", got {shorten(repr(shown))}"
-        parts.append(f"{where}: {shorten(message, 300)}{got}")
-    return "; ".join(parts)
