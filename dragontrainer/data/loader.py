@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 
 import torch
 
-from dragontrainer.data.sampler import epoch_order, epoch_size
+from dragontrainer.data.sampler import GlobalBatches, epoch_order, epoch_size
 
 
-class DeviceLoader:
+class DeviceLoader(GlobalBatches):
     """Slices batches out of tensors already on the device; no DataLoader, no per-sample Python.
 
     The order of epoch `e` is a permutation drawn from a generator seeded by (seed, e), so it needs
@@ -32,23 +31,9 @@ class DeviceLoader:
         self.labels = y.cpu()
         self.epoch_images = epoch_size(self.labels, balance) if shuffle else len(x)
 
-    def __len__(self) -> int:
-        full, rest = divmod(self.epoch_images, self.batch_size)
-        if self.shuffle:
-            # a lone last training sample would make batch norm fail on a batch of one: it waits
-            # for the next epoch's permutation instead
-            return full + (rest > 1)
-        return full + (rest > 0)
-
     @property
     def num_images(self) -> int:
         return len(self.x)
-
-    def sharded(self, shard: tuple[int, int]) -> DeviceLoader:
-        """The same loader serving another shard of each global batch ((0, 1): the whole batch)."""
-        copied = copy.copy(self)
-        copied.rank, copied.world = shard
-        return copied
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +53,7 @@ class DeviceLoader:
     def batches(self, epoch: int = 0, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order(epoch) if self.shuffle else None
         for step in range(start_step, len(self)):
-            lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, self.epoch_images)
+            lo, hi = self.bounds(step)
             if order is None:
                 yield self.x[lo + self.rank : hi : self.world], self.y[lo + self.rank : hi : self.world]
             else:

@@ -14,6 +14,9 @@ Modes (`data.balance`):
 
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
 import numpy as np
 import torch
 
@@ -77,3 +80,36 @@ def epoch_size(labels: torch.Tensor | np.ndarray, mode: str) -> int:
     labels = torch.as_tensor(labels).cpu().long()
     counts = per_class_counts(labels, mode, 0, None)
     return len(labels) if counts is None else sum(counts)
+
+
+Batches = TypeVar("Batches", bound="GlobalBatches")
+
+
+class GlobalBatches:
+    """What every loader shares: an epoch of `epoch_images` positions cut into global batches of
+    `batch_size`, of which rank `rank` of `world` takes `order[lo:hi][rank::world]` (the DDP contract:
+    the steps per epoch and the order do not depend on the rank count)."""
+
+    batch_size: int
+    epoch_images: int
+    shuffle: bool
+    rank: int
+    world: int
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.epoch_images, self.batch_size)
+        if self.shuffle:
+            # a lone last training sample would make batch norm fail on a batch of one: it waits
+            # for the next epoch's permutation instead
+            return full + (rest > 1)
+        return full + (rest > 0)
+
+    def bounds(self, step: int) -> tuple[int, int]:
+        """Positions [lo, hi) in the epoch's order of global batch `step` (the last one may be short)."""
+        return step * self.batch_size, min((step + 1) * self.batch_size, self.epoch_images)
+
+    def sharded(self: Batches, shard: tuple[int, int]) -> Batches:
+        """The same loader serving another shard of each global batch ((0, 1): the whole batch)."""
+        copied = copy.copy(self)
+        copied.rank, copied.world = shard
+        return copied

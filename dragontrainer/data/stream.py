@@ -11,7 +11,6 @@ non-blocking transfer: no per-sample Python.
 
 from __future__ import annotations
 
-import copy
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -20,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dragontrainer.data.sampler import epoch_order, epoch_size
+from dragontrainer.data.sampler import GlobalBatches, epoch_order, epoch_size
 
 PREFETCH_BATCHES = 4
 _DONE = object()
 
 
-class StreamLoader:
+class StreamLoader(GlobalBatches):
     """Batches of `images[index[...]]` (uint8 N×C×H×W on disk or in host memory) moved to `device` per batch.
 
     `crop`: output side length when the stored images are larger (data.cache_size): training loaders
@@ -54,21 +53,9 @@ class StreamLoader:
         self.epoch_images = epoch_size(self.labels, balance) if shuffle else len(self.rows)
         self.pin = self.device.type == "cuda"
 
-    def __len__(self) -> int:
-        full, rest = divmod(self.epoch_images, self.batch_size)
-        if self.shuffle:
-            return full + (rest > 1)  # a lone last sample waits for the next epoch (batch norm), as DeviceLoader
-        return full + (rest > 0)
-
     @property
     def num_images(self) -> int:
         return len(self.rows)
-
-    def sharded(self, shard: tuple[int, int]) -> StreamLoader:
-        """The same loader serving another shard of each global batch ((0, 1): the whole batch)."""
-        copied = copy.copy(self)
-        copied.rank, copied.world = shard
-        return copied
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -113,7 +100,7 @@ class StreamLoader:
                     stop: threading.Event) -> None:  # fmt: skip
         try:
             for step in steps:
-                lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, self.epoch_images)
+                lo, hi = self.bounds(step)
                 positions = order[lo:hi]
                 crops = self._crop_offsets(len(positions), epoch, step)
                 positions = positions[self.rank :: self.world]  # DDP: this rank's part of the global batch

@@ -181,9 +181,8 @@ class Loop:
         """DDP: this rank's mean loss counts local·W/N of the global batch's N images (1 for one process)."""
         if not self.distributed.active:
             return 1.0
-        loader = self.data.train
-        start = state.step_in_epoch * loader.batch_size
-        return shard_weight(local, min(loader.batch_size, loader.epoch_images - start), self.distributed)
+        lo, hi = self.data.train.bounds(state.step_in_epoch)
+        return shard_weight(local, hi - lo, self.distributed)
 
     def stepping(self, state: TrainState) -> bool:
         """Whether the next micro-batch ends an optimiser step (its gradients are then averaged by DDP)."""

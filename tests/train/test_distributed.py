@@ -289,18 +289,16 @@ def rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_ends_the_job_and_the_run_resumes_with_one_or_two_ranks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """torchrun with 2 ranks; rank 1 gets SIGKILL after the first epoch's checkpoint: the job ends
-    (non-zero). The run then resumes with 1 rank (in this process) and with 2 ranks (`dragon resume
-    --nproc 2`): both finish with the weights of an uninterrupted one-process run."""
-    torch.set_num_threads(1)
+def two_rank_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> tuple[subprocess.Popen, dict[str, str], list[str], Path, Path]:
+    """A 2-rank torchrun training of the slow model, returned once its first `last` checkpoint exists:
+    the job, its environment, its recipe, its run folder and the checkpoint's state.json."""
     (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     env = {**python_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{python_env()['PYTHONPATH']}"}
     recipe = [*TINY, *EXACT, "model.name=slow_model:factory", "train.epochs=3", "monitor.enabled=false"]
-    run_dir = tmp_path / "killed"
+    run_dir = tmp_path / name
     job = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dragontrainer",
          "train", *recipe, f"run.dir={run_dir}", "--quiet"],
@@ -310,6 +308,17 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_with_one_or_two_ranks(
     deadline = time.time() + 120
     while job.poll() is None and time.time() < deadline and not state.is_file():
         time.sleep(0.02)
+    return job, env, recipe, run_dir, state
+
+
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_with_one_or_two_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun with 2 ranks; rank 1 gets SIGKILL after the first epoch's checkpoint: the job ends
+    (non-zero). The run then resumes with 1 rank (in this process) and with 2 ranks (`dragon resume
+    --nproc 2`): both finish with the weights of an uninterrupted one-process run."""
+    torch.set_num_threads(1)
+    job, env, recipe, run_dir, state = two_rank_job(tmp_path, monkeypatch, "killed")
     victim = rank_pid(job.pid, 1)
     assert victim is not None and job.poll() is None, "the job ended before a rank could be killed"
     os.kill(victim, signal.SIGKILL)
@@ -340,20 +349,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_with_one_or_two_ranks(
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM reaches rank 1 only: the ranks agree on it (a reduced flag), both stop at the same step with
     `last` saved by rank 0 (no deadlock), and the run resumes to the end."""
-    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    env = {**python_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{python_env()['PYTHONPATH']}"}
-    recipe = [*TINY, *EXACT, "model.name=slow_model:factory", "train.epochs=3", "monitor.enabled=false"]
-    run_dir = tmp_path / "stopped"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dragontrainer",
-         "train", *recipe, f"run.dir={run_dir}", "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    state = run_dir / "checkpoints" / "last" / "state.json"
-    deadline = time.time() + 120
-    while job.poll() is None and time.time() < deadline and not state.is_file():
-        time.sleep(0.02)
+    job, _, _, run_dir, state = two_rank_job(tmp_path, monkeypatch, "stopped")
     rank1 = rank_pid(job.pid, 1)
     assert rank1 is not None and job.poll() is None, "the job ended before the signal"
     os.kill(rank1, signal.SIGTERM)
