@@ -279,6 +279,16 @@ def finite(value: float) -> float | None:
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
     """counts[true, predicted], on the device."""
-    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(
-        num_classes, num_classes
-    )
+    return add_to_confusion(None, labels, predictions, num_classes)
+
+
+def add_to_confusion(
+    confusion: torch.Tensor | None, labels: torch.Tensor, predictions: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """`confusion[true][predicted] += 1` for a batch, in place (torch.bincount would sync the host on
+    CUDA to find its length, and allocate a C×C matrix per batch)."""
+    if confusion is None:
+        confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=labels.device)
+    cells = labels * num_classes + predictions
+    confusion.view(-1).index_put_((cells,), torch.ones_like(cells), accumulate=True)
+    return confusion

@@ -10,6 +10,7 @@ from torch import nn
 from dragontrainer.data.augment import flip_averaged_logits
 from dragontrainer.data.loader import DeviceLoader
 from dragontrainer.data.preprocess import Preprocessor
+from dragontrainer.monitor.stats import add_to_confusion
 from dragontrainer.train.class_metrics import summary_metrics
 
 MAX_CONFUSION_CLASSES = 1000  # the C×C matrix is skipped above this: it would dwarf the model
@@ -52,18 +53,6 @@ def evaluate(
         if num_classes:
             result["confusion"] = confusion.tolist()
     return result
-
-
-def add_to_confusion(
-    confusion: torch.Tensor | None, labels: torch.Tensor, predictions: torch.Tensor, num_classes: int
-) -> torch.Tensor:
-    """`confusion[true][predicted] += 1` for a batch, in place (torch.bincount would sync the host on
-    CUDA to find its length, and allocate a C×C matrix per batch)."""
-    if confusion is None:
-        confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=labels.device)
-    cells = labels * num_classes + predictions
-    confusion.view(-1).index_put_((cells,), torch.ones_like(cells), accumulate=True)
-    return confusion
 
 
 def epoch_record(epoch: int, step: int, confusion: list[list[int]]) -> dict[str, Any]:

@@ -156,8 +156,6 @@ def fit(
     for note in data.images.notes:
         console.print(f"[yellow]note:[/] {text(note)}")
     run_epochs(loop, recipe, state, meter, stopper, progress=progress, steps_per_epoch=steps_per_epoch)
-    if not ranks.active:
-        return finish(loop, recipe, state, time.perf_counter() - started)
     # rank 0 scores the best weights and writes result.json and the report; every rank returns its result
     return ranks.broadcast(finish(loop, recipe, state, time.perf_counter() - started) if ranks.is_main else None)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from dragontrainer.data.sources import ImageSet, numbered_classes
 from dragontrainer.errors import DataError, RecipeError
-from dragontrainer.monitor.stats import confusion_matrix
+from dragontrainer.monitor.stats import add_to_confusion
 from dragontrainer.recipe import Recipe
 from dragontrainer.train.class_metrics import summary_metrics
 from dragontrainer.train.state import EpochMeter
@@ -346,8 +346,7 @@ def evaluate_tasks(
             confusions[0] = batch if confusions[0] is None else confusions[0] + batch
             continue
         for t, part in enumerate(tasks.slices()):
-            batch = confusion_matrix(y[:, t], logits[:, part].argmax(1), tasks.tasks[t].size)
-            confusions[t] = batch if confusions[t] is None else confusions[t] + batch
+            confusions[t] = add_to_confusion(confusions[t], y[:, t], logits[:, part].argmax(1), tasks.tasks[t].size)
     model.train(was_training)
     seen = max(loader.num_images, 1)
     per_task: dict[str, dict[str, Any]] = {}

@@ -113,8 +113,8 @@ def decide_precision(
     device: torch.device, console: Console, *, total_steps: int, resume: bool,
 ) -> Precision:  # fmt: skip
     """`train.precision` for this run: explicit names as asked; auto from the run's record when resumed
-    (the decision must not change mid-run), else measured by `probe`. Recorded in precision.json."""
-    check_precision(name, device)
+    (the decision must not change mid-run), else measured by `probe`. Recorded in precision.json.
+    `fit` has refused fp16 without CUDA already (check_precision, before any work)."""
     saved = run.file(PRECISION_FILE)
     if resume:
         if saved.is_file():
